@@ -1,0 +1,59 @@
+"""The one interface every backend implements: submit, status, cancel, logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from filipctl.stages import Stage
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything a backend needs to start one stage."""
+
+    stage: Stage
+    recipe_file: Path  # the resolved recipe, JSON
+    workdir: Path  # the run folder shared by all stages (checkpoints, model.pt, logs/)
+    env: dict[str, str] = field(default_factory=dict)  # MLflow run id, tracking URI, events file
+    after: tuple[str, ...] = ()  # job ids this job waits for (backends with native dependencies)
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "logs" / f"{self.stage.name}.log"
+
+    def command(self, python: str) -> list[str]:
+        """The argv that runs this stage's job module for one process (or as a torchrun group)."""
+        return [python, "-m", self.stage.module, "--recipe", str(self.recipe_file), "--workdir", str(self.workdir)]
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    # True when the scheduler itself holds dependent jobs (Slurm afterok); False: the CLI
+    # submits a stage only after the stages it depends on completed.
+    native_dependencies: ClassVar[bool]
+
+    def submit(self, request: JobRequest) -> str:
+        """Start (or queue) the job; return its id."""
+
+    def status(self, job_id: str) -> JobState: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def logs(self, job_id: str) -> str:
+        """The job's combined stdout/stderr so far."""

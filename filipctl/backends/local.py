@@ -1,0 +1,99 @@
+"""Local backend: jobs are processes on this machine; a distributed stage is a torchrun group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+from filipctl.backends.base import JobRequest, JobState
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _state_of(exit_code: int) -> JobState:
+    if exit_code == 0:
+        return JobState.COMPLETED
+    if exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
+        return JobState.CANCELLED
+    return JobState.FAILED
+
+
+class LocalBackend:
+    """Job id = path of the job's record file (pid, log, exit code), so any process can query it."""
+
+    name: ClassVar[str] = "local"
+    native_dependencies: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def submit(self, request: JobRequest) -> str:
+        stage = request.stage
+        argv = request.command(sys.executable)
+        if stage.distributed:
+            # torchrun: one process per worker, rendezvous on a free loopback port.
+            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stage.processes}",
+                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *argv[1:]]
+        request.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        log = open(request.log_file, "ab")
+        # A new session: Ctrl-C in the terminal reaches the CLI, which cancels the whole group.
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=os.getcwd())
+        log.close()
+        record = request.log_file.with_suffix(".job.json")
+        record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv}))
+        job_id = str(record)
+        self._procs[job_id] = proc
+        return job_id
+
+    def _record(self, job_id: str) -> dict:
+        return json.loads(Path(job_id).read_text())
+
+    def _finish(self, job_id: str, code: int) -> JobState:
+        rec = self._record(job_id)
+        rec["exit_code"] = code
+        Path(job_id).write_text(json.dumps(rec))
+        return _state_of(code)
+
+    def status(self, job_id: str) -> JobState:
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            code = proc.poll()
+            return JobState.RUNNING if code is None else self._finish(job_id, code)
+        rec = self._record(job_id)
+        if "exit_code" in rec:
+            return _state_of(rec["exit_code"])
+        try:
+            os.kill(rec["pid"], 0)
+            return JobState.RUNNING
+        except ProcessLookupError:
+            return JobState.UNKNOWN
+
+    def cancel(self, job_id: str) -> None:
+        rec = self._record(job_id)
+        try:
+            os.killpg(rec["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(rec["pid"], signal.SIGKILL)
+                proc.wait()
+
+    def logs(self, job_id: str) -> str:
+        path = Path(self._record(job_id)["log"])
+        return path.read_text(errors="replace") if path.exists() else ""

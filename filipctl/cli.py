@@ -1,0 +1,181 @@
+"""The `filipctl` command line. Heavy libraries are imported inside commands, never at module level."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from filipctl.errors import FilipctlError
+
+app = typer.Typer(
+    help="Pretrain FILIP (fine-grained late-interaction CLIP) from declarative YAML recipes, "
+    "locally or on a cluster, tracked in MLflow.\n\n"
+    "Start here:  filipctl run recipes/smoke.yaml",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+recipe_app = typer.Typer(help="Check and inspect recipes without running anything.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+out = Console()
+err = Console(stderr=True)
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY.PATH=VALUE",
+                 help="Override one recipe value, e.g. --set train.steps=20 --set model.interaction=global. "
+                      "Repeatable; values are YAML (numbers, true/false, [lists]). See `filipctl recipe keys`."),
+]
+RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML file, e.g. recipes/smoke.yaml.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def _load(path: str, sets: list[str] | None):
+    from filipctl.recipes import load_recipe
+
+    return load_recipe(path, sets or [])
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", "-c", help="Backend to run on (overrides the recipe's cluster.backend). Available: local.")] = None,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Delete this recipe's checkpoints first instead of resuming from them.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe's stages (data -> pretrain -> eval) and track them in MLflow.
+
+    Rerunning the same resolved recipe resumes pretraining from its latest checkpoint.
+
+    Examples:
+
+      filipctl run recipes/smoke.yaml
+
+      filipctl run recipes/smoke.yaml --set train.steps=50 --set model.interaction=global
+    """
+    sets = list(set_ or [])
+    if cluster:
+        sets.append(f"cluster.backend={cluster}")
+    r = _load(recipe, sets)  # validation first: a bad recipe writes nothing anywhere
+    from filipctl.pipeline import run_pipeline
+
+    console = err if as_json else out
+    result = run_pipeline(r, recipe, r.cluster.backend, console, fresh=fresh)
+    from filipctl import tracking
+
+    if as_json:
+        print(json.dumps({"run_id": result.parent_run_id, "tracking_uri": result.tracking_uri,
+                          "workdir": str(result.workdir), "duration_s": result.duration_s,
+                          "metrics": result.metrics}, indent=1))
+        return
+    ev = result.metrics.get("eval")
+    if ev:
+        from rich.table import Table
+
+        t = Table(title=f"eval on the held-out split ({int(ev.get('eval_pairs', 0))} pairs)", header_style="bold")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_column("chance", justify="right")
+        for k, v in ev.items():
+            if k.startswith("chance") or k == "eval_pairs":
+                continue
+            chance = ev.get("chance_zeroshot_top1") if k.startswith("zeroshot") else (
+                ev.get("chance_R1", 0) * int(k.split("R")[-1]) if "_R" in k else None)
+            t.add_row(k, f"{v:.3f}", "-" if chance is None else f"{chance:.3f}")
+        out.print(t)
+    m, s = divmod(int(result.duration_s), 60)
+    out.print(f"done in {m}m{s:02d}s. MLflow run {result.parent_run_id}")
+    out.print(f"open the MLflow UI:  {tracking.ui_command(result.tracking_uri)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def status(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent runs.")] = 10,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "filip",
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent runs and their stages (state, key metric, duration), read from MLflow."""
+    from filipctl import status as st
+    from filipctl import tracking
+
+    uri = tracking.resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not __import__("pathlib").Path(uri.removeprefix("sqlite:///")).exists():
+        raise FilipctlError(f"no MLflow store at {uri}: run `filipctl run RECIPE` here first, or pass --tracking-uri")
+    rows = st.collect(uri, experiment, limit)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        out.print(f"no filipctl runs in experiment {experiment!r} at {uri}")
+        return
+    out.print(st.render(rows))
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe (with its extends: chain and --set overrides) against the schema."""
+    r = _load(recipe, set_)
+    out.print(f"[green]ok[/] {recipe}: recipe {r.name!r}, {r.train.steps} steps, global batch "
+              f"{r.train.global_batch}, {r.model.interaction} interaction")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the fully resolved recipe (defaults, extends: and --set applied)."""
+    from filipctl.recipes import recipe_to_dict, recipe_to_yaml
+
+    r = _load(recipe, set_)
+    if as_json:
+        print(json.dumps(recipe_to_dict(r), indent=1))
+    else:
+        sys.stdout.write(recipe_to_yaml(r))
+
+
+@recipe_app.command("keys")
+def recipe_keys(as_json: JsonOpt = False) -> None:
+    """Every recipe key with its type, default and meaning (generated from the schema)."""
+    from filipctl.schema_doc import schema_rows
+
+    rows = schema_rows()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    t = Table(header_style="bold", show_lines=False)
+    for col in ("key", "type", "default", "meaning"):
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(row["key"], row["type"], row["default"], row["doc"])
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except FilipctlError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

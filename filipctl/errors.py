@@ -1,0 +1,13 @@
+"""Errors the CLI reports as one clear message and a non-zero exit, without a traceback."""
+
+
+class FilipctlError(Exception):
+    """A user-facing error: the message says what is wrong, where, and how to fix it."""
+
+    exit_code = 1
+
+
+class RecipeError(FilipctlError):
+    """A recipe (file, `extends:` chain or `--set` override) is invalid."""
+
+    exit_code = 2

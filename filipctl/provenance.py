@@ -1,0 +1,36 @@
+"""What a run was made from: git commit, dirty tree, package versions. Reads metadata, imports nothing heavy."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("filipctl", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "mlflow", "webdataset",
+            "fsspec", "s3fs", "pydantic", "typer", "numpy", "ray", "submitit")
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (subprocess.SubprocessError, OSError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

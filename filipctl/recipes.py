@@ -1,0 +1,179 @@
+"""Load a recipe: YAML file -> `extends:` chain -> `--set key.path=value` overrides -> validated Recipe.
+
+Every failure raises RecipeError with one message that names the file, the key path and
+what was expected, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from filipctl.errors import RecipeError
+from filipctl.schema import Recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        hint = ""
+        candidates = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        if candidates:
+            hint = f" (recipes in {path.parent}: {', '.join(candidates)})"
+        raise RecipeError(f"{path}: recipe file not found{hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections, got a {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise RecipeError(f"{seen[-1]}: extends: cycle {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected a recipe path (string), got {parent!r}")
+    parent_path = Path(parent)
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: extends: recipe file not found: {parent_path}")
+    return _deep_merge(_load_chain(parent_path, (*seen, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.steps=20` -> (['train', 'steps'], 20). Values are YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=20")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise RecipeError(f"--set {text!r}: empty component in key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str, source: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(f"{source}: --set {text}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    loc = err["loc"]
+    if kind == "extra_forbidden":
+        return "unknown key" + _known_keys_hint(loc)
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if "input" in err and kind not in ("value_error",):
+        msg += f", got {err['input']!r}"
+    return msg
+
+
+def _known_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        # Unwrap Optional[Section].
+        for arg in getattr(ann, "__args__", ()) or ():
+            if hasattr(arg, "model_fields"):
+                ann = arg
+        model = ann
+    if not hasattr(model, "model_fields"):
+        return ""
+    import difflib
+
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid keys here: {', '.join(keys)}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge, override and validate a recipe. Raises RecipeError with a readable message."""
+    path = Path(path)
+    data = _load_chain(path)
+    override_of: dict[tuple[str, ...], str] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value, text, str(path))
+        override_of[tuple(parts)] = text
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            key = ".".join(loc) or "(top level)"
+            origin = ""
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in override_of:
+                    origin = f" (from --set {override_of[loc[:n]]})"
+                    break
+            lines.append(f"  {key}: {_describe_error(err)}{origin}")
+        noun = "error" if len(lines) == 1 else "errors"
+        raise RecipeError(f"{path}: invalid recipe, {len(lines)} {noun}:\n" + "\n".join(lines)) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of what determines the trained weights: same fingerprint -> same output folder -> resume.
+
+    Tracking, cluster and eval settings are left out: moving a run to another cluster or
+    tracking server must not restart its training.
+    """
+    d = recipe_to_dict(recipe)
+    for key in ("tracking", "cluster", "eval", "description", "output_dir"):
+        d.pop(key, None)
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]

@@ -1,0 +1,167 @@
+"""The recipe schema: every option a recipe may set, its type, default and meaning.
+
+This file is the single source of truth for recipe options; `filipctl recipe keys`
+prints its documentation. Every model forbids unknown keys so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageTower(Section):
+    """Vision Transformer (open_clip VisionTransformer) settings."""
+
+    image_size: int = Field(224, gt=0, description="Input resolution in pixels (square).")
+    patch_size: int = Field(32, gt=0, description="ViT patch size; image_size must be a multiple of it.")
+    width: int = Field(768, gt=0, description="Transformer width.")
+    layers: int = Field(12, gt=0, description="Number of transformer blocks.")
+    heads: int = Field(12, gt=0, description="Attention heads; must divide width.")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden size as a multiple of width.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ImageTower":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"heads {self.heads} does not divide width {self.width}")
+        return self
+
+
+class TextTower(Section):
+    """Causal text Transformer (open_clip TextTransformer) over CLIP BPE tokens."""
+
+    context_length: int = Field(77, gt=2, description="Tokens per caption including [BOS] and [EOS].")
+    vocab_size: int = Field(49408, gt=0, description="BPE vocabulary size (CLIP's tokenizer has 49,408).")
+    width: int = Field(512, gt=0, description="Transformer width.")
+    layers: int = Field(12, gt=0, description="Number of transformer blocks.")
+    heads: int = Field(8, gt=0, description="Attention heads; must divide width.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "TextTower":
+        if self.width % self.heads:
+            raise ValueError(f"heads {self.heads} does not divide width {self.width}")
+        return self
+
+
+class ModelConfig(Section):
+    """The FILIP dual encoder."""
+
+    embed_dim: int = Field(256, gt=0, description="Shared token embedding dimension (paper: 256).")
+    interaction: Literal["late", "global"] = Field(
+        "late",
+        description="late: FILIP token-wise max similarity; global: CLIP pooled similarity (ablation baseline).",
+    )
+    init_temperature: float = Field(0.07, gt=0, description="Initial softmax temperature (learnable).")
+    image: ImageTower = Field(default_factory=ImageTower)
+    text: TextTower = Field(default_factory=TextTower)
+
+
+class SyntheticData(Section):
+    """Generated coloured-shapes image-caption set (fine-grained: colour, shape, position)."""
+
+    train_samples: int = Field(4000, gt=0, description="Pairs in the training split.")
+    eval_samples: int = Field(500, gt=0, description="Pairs in the held-out split.")
+    samples_per_shard: int = Field(500, gt=0, description="Pairs per WebDataset tar shard.")
+    image_size: int = Field(64, gt=0, description="Generated image side in pixels (the loader resizes to model.image.image_size).")
+    max_objects: int = Field(2, ge=1, le=3, description="Shapes per image (1..max_objects).")
+    seed: int = Field(0, description="Generator seed: the same seed gives byte-identical shards.")
+
+
+class DataConfig(Section):
+    """Where the image-caption shards live and how they are read."""
+
+    url: str = Field(
+        "data/shapes",
+        description="fsspec URL of the dataset root (local path, file://, s3://...); holds train/ and eval/ shards.",
+    )
+    synthetic: SyntheticData | None = Field(
+        default_factory=SyntheticData,
+        description="Generate the dataset at `url` when it is missing; null = the shards must already exist.",
+    )
+    augment: bool = Field(True, description="torchvision AutoAugment on training images.")
+    shuffle_buffer: int = Field(1000, ge=0, description="WebDataset shuffle buffer (samples).")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
+
+
+class OptimConfig(Section):
+    """LAMB with linear warmup then cosine decay (paper's recipe)."""
+
+    name: Literal["lamb", "adamw"] = Field("lamb", description="Optimizer (timm's Lamb; adamw for comparison).")
+    base_lr: float = Field(6e-3, gt=0, description="Base LR; peak LR = base_lr * sqrt(global_batch / 512).")
+    weight_decay: float = Field(3e-2, ge=0, description="Weight decay (not applied to biases, norms, embeddings, temperature).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/LAMB betas.")
+    eps: float = Field(1e-4, gt=0, description="Adam/LAMB epsilon (paper: 1e-4).")
+    warmup_steps: int = Field(3000, ge=0, description="Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak LR.")
+    grad_clip: float = Field(0.0, ge=0, description="Gradient-norm clipping; 0 = off.")
+
+
+class TrainConfig(Section):
+    """Pretraining loop and DeepSpeed settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision (fp16 needs a GPU).")
+    gradient_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
+    steps: int = Field(1000, gt=0, description="Optimizer steps.")
+    micro_batch_size: int = Field(32, gt=0, description="Pairs per worker per step; global batch = this x workers.")
+    workers: int = Field(2, gt=0, description="Worker processes (one per device); 2 local CPU workers in the smoke recipe.")
+    checkpoint_every: int = Field(500, gt=0, description="Save a DeepSpeed checkpoint every N steps; a rerun resumes from the latest.")
+    log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
+    seed: int = Field(0, description="Seed for model init and data order.")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.workers
+
+
+class EvalConfig(Section):
+    """Zero-shot classification (prompt ensemble) and image<->text retrieval on the held-out split."""
+
+    enabled: bool = Field(True, description="Run the eval stage after pretraining.")
+    batch_size: int = Field(100, gt=0, description="Images/texts per forward pass.")
+    prefixes: list[str] = Field(
+        default_factory=lambda: ["a photo of a", "a picture of a", "an image of a"],
+        min_length=1,
+        description="Prompt prefixes; each prompt is '{prefix} {label}. {suffix}'.",
+    )
+    suffixes: list[str] = Field(
+        default_factory=lambda: ["", "I like it.", "It is easy to see."],
+        min_length=1,
+        description="Prompt suffixes; the ensemble averages token-wise similarity over prefixes x suffixes.",
+    )
+    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="Retrieval R@K.")
+
+
+class TrackingConfig(Section):
+    """MLflow tracking."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory.")
+    experiment: str = Field("filip", description="MLflow experiment name.")
+
+
+class ClusterConfig(Section):
+    """Where the stages run."""
+
+    backend: Literal["local"] = Field("local", description="local: worker processes on this machine.")
+
+
+class Recipe(Section):
+    """A FILIP pretraining recipe: model, data, optimisation, training, eval, tracking, cluster."""
+
+    name: str = Field(..., min_length=1, description="Recipe name (MLflow run name prefix).")
+    description: str = Field("", description="Free text shown by `filipctl recipe show`.")
+    output_dir: str = Field("runs", description="Where checkpoints and job outputs go (one folder per resolved recipe).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)

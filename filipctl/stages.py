@@ -1,0 +1,30 @@
+"""A recipe's plan: the ordered stages (data -> pretrain -> eval), each a job any backend can run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from filipctl.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One job: `python -m MODULE --recipe R.json --workdir DIR` on `processes` worker processes."""
+
+    name: str
+    module: str
+    processes: int = 1
+    distributed: bool = False  # True: started as a torch.distributed group of `processes` ranks
+    after: tuple[str, ...] = field(default_factory=tuple)  # stages that must succeed first
+    key_metric: str = ""  # shown by `filipctl status`
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    stages = [
+        Stage("data", "jobs.data", key_metric="train_pairs"),
+        Stage("pretrain", "jobs.pretrain", processes=recipe.train.workers, distributed=True,
+              after=("data",), key_metric="final_loss"),
+    ]
+    if recipe.eval.enabled:
+        stages.append(Stage("eval", "jobs.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
+    return stages

@@ -1,0 +1,94 @@
+"""Process-group set-up and the autograd-aware feature all-gather used by the FILIP loss."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from models.filip import Features
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by the environment (torchrun-style RANK/WORLD_SIZE/MASTER_*).
+
+    CPU-only machines use gloo and DeepSpeed's CPU accelerator; GPUs use NCCL.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" not in os.environ:  # a single process started by hand
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Ranks share the cores: one thread pool each would oversubscribe them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate every rank's `t` along dim 0; backward sums each slot's gradient back to its owner."""
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+
+    return all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
+
+
+def _gather_no_grad(t: Tensor) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def gather_features(local: Features, interaction: str) -> Features:
+    """The global batch's features for `interaction`; gathered tensors keep their gradient.
+
+    Only what the interaction scores travels: token features and their masks for "late",
+    pooled vectors for "global" (the other fields come back empty).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    empty = local.image_tokens.new_empty(0)
+    if interaction == "global":
+        return Features(empty, empty.bool(), empty, empty.bool(),
+                        _gather_with_grad(local.image_embed), _gather_with_grad(local.text_embed))
+    # gloo has no bool collectives: masks travel as uint8.
+    return Features(
+        image_tokens=_gather_with_grad(local.image_tokens),
+        image_mask=_gather_no_grad(local.image_mask.to(torch.uint8)).bool(),
+        text_tokens=_gather_with_grad(local.text_tokens),
+        text_mask=_gather_no_grad(local.text_mask.to(torch.uint8)).bool(),
+        image_embed=empty,
+        text_embed=empty,
+    )

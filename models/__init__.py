@@ -1,0 +1,1 @@
+"""FILIP model math: towers, per-token projections, late interaction and loss. Pure torch, no I/O."""
