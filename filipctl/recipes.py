@@ -154,8 +154,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                     origin = f" (from --set {override_of[loc[:n]]})"
                     break
             lines.append(f"  {key}: {_describe_error(err)}{origin}")
-        noun = "error" if len(lines) == 1 else "errors"
-        raise RecipeError(f"{path}: invalid recipe, {len(lines)} {noun}:\n" + "\n".join(lines)) from None
+        count = "" if len(lines) == 1 else f" ({len(lines)} problems)"
+        raise RecipeError(f"{path}: invalid recipe{count}:\n" + "\n".join(lines)) from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

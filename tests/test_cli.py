@@ -1,0 +1,136 @@
+"""The CLI as a user meets it: fast help, one clear message on bad input, and a real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FILIPCTL, ROOT, run_cli
+
+HEAVY = ("torch", "ray", "deepspeed", "mlflow")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["recipe", "validate", "recipes/smoke.yaml"]])
+def test_light_commands_import_no_heavy_library(argv: list[str]) -> None:
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['filipctl', *{argv!r}]\n"
+        "from filipctl.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], 'CODE', code)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "HEAVY [] CODE 0" in res.stdout, res.stdout + res.stderr
+
+
+BAD_INPUTS = {
+    "unknown key": (["recipes/smoke.yaml", "--set", "train.stepz=3"], ["recipes/smoke.yaml", "train.stepz", "unknown key"]),
+    "wrong type": (["recipes/smoke.yaml", "--set", "train.steps=lots"], ["train.steps", "integer", "'lots'"]),
+    "missing file": (["recipes/missing.yaml"], ["recipes/missing.yaml", "not found"]),
+    "bad --set": (["recipes/smoke.yaml", "--set", "train.steps"], ["--set", "KEY.PATH=VALUE"]),
+    "unknown backend": (["recipes/smoke.yaml", "--cluster", "mars"], ["cluster.backend", "'local'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_one_message_no_traceback_nothing_written(name: str, tmp_path: Path) -> None:
+    args, expected = BAD_INPUTS[name]
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "smoke.yaml").write_text((ROOT / "recipes" / "smoke.yaml").read_text())
+    res = run_cli("run", *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert res.stderr.count("error:") == 1
+    for fragment in expected:
+        assert fragment in res.stderr, (fragment, res.stderr)
+    # Nothing half-written: no MLflow store, no run folder, no dataset.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_status_without_a_store_says_how_to_start(tmp_path: Path) -> None:
+    res = run_cli("status", cwd=tmp_path)
+    assert res.returncode == 1 and "filipctl run" in res.stderr and "Traceback" not in res.stderr
+
+
+def _mlflow_client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    # 1. A full run through the CLI: data -> 2-worker DeepSpeed pretraining -> eval.
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *smoke_overrides, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "zeroshot_top1" in res.stdout and "i2t_R1" in res.stdout and "mlflow ui" in res.stdout
+
+    client = _mlflow_client(tmp_path)
+    exp = client.get_experiment_by_name("filip")
+    parents = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.steps"] == "20" and parent.data.params["model.interaction"] == "late"
+    assert len(parent.data.tags["filipctl.git_commit"]) in (40, 7) or parent.data.tags["filipctl.git_commit"] == "unknown"
+    assert parent.data.tags["filipctl.git_dirty"] in ("true", "false", "unknown")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"recipe.yaml", "versions.json"} <= artifacts
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_stage = {c.data.tags["filipctl.stage"]: c for c in children}
+    assert set(by_stage) == {"data", "pretrain", "eval"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    pre = by_stage["pretrain"]
+    losses = client.get_metric_history(pre.info.run_id, "loss")
+    assert [m.step for m in losses] == [5, 10, 15, 20]
+    assert all(m.value == m.value for m in losses)  # finite, logged per step
+    assert "model" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    ev = by_stage["eval"].data.metrics
+    assert 0.0 <= ev["zeroshot_top1"] <= 1.0 and "t2i_R10" in ev
+
+    # 2. `filipctl status` shows the run and its stages; --json for scripts.
+    st = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json", cwd=tmp_path)
+    assert st.returncode == 0, st.stderr
+    rows = json.loads(st.stdout)
+    assert rows[0]["recipe"] == "smoke" and rows[0]["backend"] == "local" and rows[0]["state"] == "FINISHED"
+    assert [s["stage"] for s in rows[0]["stages"]] == ["data", "pretrain", "eval"]
+    table = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert "pretrain" in table.stdout and "FINISHED" in table.stdout and "zeroshot_top1" in table.stdout
+
+    # 3. A longer recipe, interrupted (Ctrl-C) after its first checkpoint ...
+    longer = [*smoke_overrides, "--set", "train.steps=200"]
+    proc = subprocess.Popen([*FILIPCTL, "run", str(ROOT / "recipes/smoke.yaml"), *longer], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    runs = tmp_path / "runs"
+    deadline = time.time() + 300
+    latest = None
+    while time.time() < deadline and proc.poll() is None:
+        found = [p for p in runs.glob("smoke-*/checkpoints/latest") if "step10" in p.read_text()]
+        if found:
+            latest = found[0]
+            break
+        time.sleep(0.5)
+    assert latest is not None, "no checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in err and "Traceback" not in err
+    killed = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert killed.info.status == "KILLED"
+    saved = int(latest.read_text().strip().removeprefix("step"))
+    assert saved < 200
+
+    # ... then the same command resumes from that checkpoint and finishes.
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"resumed from {latest.parent}/step{saved}" in res.stdout
+    summary = json.loads((latest.parent.parent / "pretrain.json").read_text())
+    assert summary["steps_run"] == 200 - saved
