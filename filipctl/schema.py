@@ -59,6 +59,22 @@ class ModelConfig(Section):
         description="late: FILIP token-wise max similarity; global: CLIP pooled similarity (ablation baseline).",
     )
     init_temperature: float = Field(0.07, gt=0, description="Initial softmax temperature (learnable).")
+    token_keep: float = Field(
+        1.0, gt=0, le=1,
+        description="Fraction of tokens each image and each text keeps before the all-gather, chosen by their "
+        "token-wise max similarity against the other modality on the same worker (paper: 0.25; 1.0 = all). "
+        "Rows scored on a worker keep all their tokens; only what is sent is reduced.",
+    )
+    gather_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Precision of the token features on the wire (paper: fp16). They are cast back to the "
+        "training precision after the gather.",
+    )
+    similarity_memory_mb: float = Field(
+        256.0, gt=0,
+        description="Memory budget of one block of the token-wise similarity; the full [B_i, B_t, n1, n2] "
+        "tensor is never built.",
+    )
     image: ImageTower = Field(default_factory=ImageTower)
     text: TextTower = Field(default_factory=TextTower)
 

@@ -71,24 +71,45 @@ def _gather_no_grad(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def gather_features(local: Features, interaction: str) -> Features:
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _gather_cast(t: Tensor, wire: torch.dtype) -> Tensor:
+    # Cast for the wire, gather once, cast back; autograd casts the returning gradient the same way.
+    return _gather_with_grad(t.to(wire)).to(t.dtype)
+
+
+def gather_features(local: Features, interaction: str, wire_dtype: str = "fp32") -> Features:
     """The global batch's features for `interaction`; gathered tensors keep their gradient.
 
-    Only what the interaction scores travels: token features and their masks for "late",
-    pooled vectors for "global" (the other fields come back empty).
+    Only what the interaction scores travels, in `wire_dtype`: token features and their masks
+    for "late", pooled vectors for "global" (the other fields come back empty). Masks travel
+    alongside their tokens, slot for slot, so a receiver knows which gathered slots are padding.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
+    wire = WIRE_DTYPES[wire_dtype]
     empty = local.image_tokens.new_empty(0)
     if interaction == "global":
         return Features(empty, empty.bool(), empty, empty.bool(),
-                        _gather_with_grad(local.image_embed), _gather_with_grad(local.text_embed))
+                        _gather_cast(local.image_embed, wire), _gather_cast(local.text_embed, wire))
     # gloo has no bool collectives: masks travel as uint8.
     return Features(
-        image_tokens=_gather_with_grad(local.image_tokens),
+        image_tokens=_gather_cast(local.image_tokens, wire),
         image_mask=_gather_no_grad(local.image_mask.to(torch.uint8)).bool(),
-        text_tokens=_gather_with_grad(local.text_tokens),
+        text_tokens=_gather_cast(local.text_tokens, wire),
         text_mask=_gather_no_grad(local.text_mask.to(torch.uint8)).bool(),
         image_embed=empty,
         text_embed=empty,
     )
+
+
+def gathered_bytes(local: Features, interaction: str, wire_dtype: str, world_size: int) -> int:
+    """Bytes one worker receives per step from the feature all-gather (masks included)."""
+    size = torch.finfo(WIRE_DTYPES[wire_dtype]).bits // 8
+    if interaction == "global":
+        n = local.image_embed.numel() + local.text_embed.numel()
+        return n * size * (world_size - 1)
+    n = local.image_tokens.numel() + local.text_tokens.numel()
+    masks = local.image_mask.numel() + local.text_mask.numel()
+    return (n * size + masks) * (world_size - 1)

@@ -22,7 +22,7 @@ from jobs.loader import eval_set
 from jobs.metrics import StageLogger
 from jobs.synthetic import read_manifest
 from models.filip import FILIP, build_model
-from models.interaction import global_similarity, late_interaction
+from models.interaction import global_similarity, late_interaction_chunked
 from models.tokenizer import tokenize
 
 
@@ -40,16 +40,11 @@ def encode_texts(model: FILIP, texts: list[str], context_length: int, batch: int
 
 @torch.no_grad()
 def similarity(img: tuple[Tensor, Tensor, Tensor], txt: tuple[Tensor, Tensor, Tensor], interaction: str,
-               chunk: int = 32) -> tuple[Tensor, Tensor]:
-    """(s^I, s^T), each [N_img, N_txt], computed a block of images at a time to bound memory."""
+               memory_mb: float = 256.0) -> tuple[Tensor, Tensor]:
+    """(s^I, s^T), each [N_img, N_txt], in memory-bounded blocks."""
     if interaction == "global":
         return global_similarity(img[2], txt[2])
-    i2t, t2i = [], []
-    for s in range(0, len(img[0]), chunk):
-        a, b = late_interaction(img[0][s : s + chunk], txt[0], img[1][s : s + chunk], txt[1])
-        i2t.append(a)
-        t2i.append(b)
-    return torch.cat(i2t), torch.cat(t2i)
+    return late_interaction_chunked(img[0], txt[0], img[1], txt[1], memory_mb=memory_mb)
 
 
 def recall_at(scores: Tensor, ks: list[int]) -> dict[int, float]:
@@ -60,13 +55,14 @@ def recall_at(scores: Tensor, ks: list[int]) -> dict[int, float]:
 
 
 def zero_shot_accuracy(model: FILIP, img, labels: list[int], classes: list[str], prefixes: list[str],
-                       suffixes: list[str], context_length: int, interaction: str, batch: int) -> float:
+                       suffixes: list[str], context_length: int, interaction: str, batch: int,
+                       memory_mb: float = 256.0) -> float:
     templates = [(p, s) for p in prefixes for s in suffixes]
     total = torch.zeros(len(labels), len(classes))
     for prefix, suffix in templates:
         prompts = [f"{prefix} {c}. {suffix}".strip() for c in classes]
         txt = encode_texts(model, prompts, context_length, batch)
-        s_i2t, _ = similarity(img, txt, interaction)
+        s_i2t, _ = similarity(img, txt, interaction, memory_mb)
         total += s_i2t
     pred = (total / len(templates)).argmax(dim=1)
     return (pred == torch.tensor(labels)).float().mean().item()
@@ -89,7 +85,7 @@ def evaluate(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
     ctx, bs, interaction = model_cfg["text"]["context_length"], eval_cfg["batch_size"], model_cfg["interaction"]
     img = encode_images(model, images, bs)
     txt = encode_texts(model, captions, ctx, bs)
-    s_i2t, s_t2i = similarity(img, txt, interaction)
+    s_i2t, s_t2i = similarity(img, txt, interaction, model_cfg["similarity_memory_mb"])
     ks = eval_cfg["recall_at"]
     metrics: dict[str, float] = {}
     for k, v in recall_at(s_i2t, ks).items():
@@ -98,7 +94,8 @@ def evaluate(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
         metrics[f"t2i_R{k}"] = v
     classes = manifest["classes"]
     metrics["zeroshot_top1"] = zero_shot_accuracy(model, img, labels, classes, eval_cfg["prefixes"],
-                                                  eval_cfg["suffixes"], ctx, interaction, bs)
+                                                  eval_cfg["suffixes"], ctx, interaction, bs,
+                                                  model_cfg["similarity_memory_mb"])
     # What guessing would score, so a reader can tell learning from luck.
     metrics["chance_zeroshot_top1"] = 1.0 / len(classes)
     metrics["chance_R1"] = 1.0 / len(captions)

@@ -29,7 +29,7 @@ from jobs.metrics import StageLogger
 from jobs.optim import build_optimizer, peak_lr, warmup_cosine
 from jobs.synthetic import read_manifest
 from models.filip import build_model
-from models.loss import filip_loss
+from models.loss import filip_loss, reduce_for_gather
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,12 +117,15 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
     )
     dtype = DTYPES[train_cfg["precision"]]
     interaction = model_cfg["interaction"]
+    mem_mb = model_cfg["similarity_memory_mb"]
     logger = StageLogger(info.is_main)
     if info.is_main and not start:
         logger.metrics({"peak_lr": peak_lr(recipe["optim"]["base_lr"], global_batch), "global_batch": global_batch})
     _log(info, f"pretraining {recipe['name']}: {steps} steps, global batch {global_batch} "
                f"({info.world_size} x {b}), ZeRO-{train_cfg['zero_stage']}, {train_cfg['precision']}, "
-               f"{interaction} interaction")
+               f"{interaction} interaction"
+               + (f", gather {model_cfg['gather_dtype']} keeping {model_cfg['token_keep']:.0%} of tokens"
+                  if interaction == "late" else ""))
 
     engine.train()
     window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
@@ -132,8 +135,9 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
         images, ids = next(batches)
         images, ids = images.to(info.device, dtype), ids.to(info.device)
         local, scale = engine(images, ids)
-        gathered = gather_features(local, interaction)
-        loss = filip_loss(local, gathered, scale, offset=info.rank * b, interaction=interaction)
+        sent = reduce_for_gather(local, model_cfg["token_keep"], mem_mb) if interaction == "late" else local
+        gathered = gather_features(sent, interaction, model_cfg["gather_dtype"])
+        loss = filip_loss(local, gathered, scale, offset=info.rank * b, interaction=interaction, memory_mb=mem_mb)
         engine.backward(loss)
         engine.step()
         window_loss += loss.detach().float().item()
