@@ -82,7 +82,7 @@ def run(
     if ev:
         from rich.table import Table
 
-        t = Table(title=f"eval on the held-out split ({int(ev.get('eval_pairs', 0))} pairs)", header_style="bold")
+        t = Table(title="held-out eval", caption=f"{int(ev.get('eval_pairs', 0))} pairs", header_style="bold")
         t.add_column("metric")
         t.add_column("value", justify="right")
         t.add_column("chance", justify="right")

@@ -130,9 +130,11 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
     engine.train()
     window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
     t_start = time.perf_counter()
+    step_times: list[float] = []
     loss_value = float("nan")
     for step in range(start, steps):
         images, ids = next(batches)
+        t_step = time.perf_counter()
         images, ids = images.to(info.device, dtype), ids.to(info.device)
         local, scale = engine(images, ids)
         sent = reduce_for_gather(local, model_cfg["token_keep"], mem_mb) if interaction == "late" else local
@@ -140,6 +142,7 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
         loss = filip_loss(local, gathered, scale, offset=info.rank * b, interaction=interaction, memory_mb=mem_mb)
         engine.backward(loss)
         engine.step()
+        step_times.append(time.perf_counter() - t_step)  # compute + communication, data loading excluded
         window_loss += loss.detach().float().item()
         window_n += 1
         done = step + 1
@@ -165,7 +168,9 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
     if not (ckpt_dir / final_tag).exists():  # resumed at the last step: nothing ran, the checkpoint exists
         engine.save_checkpoint(str(ckpt_dir), tag=final_tag, client_state={"step": steps})
     save_final_weights(engine, ckpt_dir, final_tag, workdir / "model.pt", train_cfg["zero_stage"], info)
-    result = {"final_loss": loss_value, "train_time_s": time.perf_counter() - t_start, "steps_run": steps - start}
+    warm = step_times[min(5, len(step_times) // 2):]  # the first steps pay for allocation and kernel warm-up
+    result = {"final_loss": loss_value, "train_time_s": time.perf_counter() - t_start, "steps_run": steps - start,
+              "compute_step_s": sum(warm) / len(warm) if warm else float("nan")}
     if info.is_main:
         logger.metrics({k: v for k, v in result.items() if math.isfinite(v)}, step=steps)
         logger.artifact(str(workdir / "model.pt"), "model")

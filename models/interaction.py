@@ -66,7 +66,7 @@ class _ChunkedLateInteraction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, xm, ym, ci: int, ct: int):  # type: ignore[override]
+    def forward(ctx, x, y, xm, ym, ci: int, ct: int, want_i2t: bool, want_t2i: bool):  # type: ignore[override]
         b_i, n1, d = x.shape
         b_t, n2, _ = y.shape
         xw = xm.to(x.dtype)
@@ -75,8 +75,13 @@ class _ChunkedLateInteraction(torch.autograd.Function):
         y_count = yw.sum(-1).clamp_min(1)  # [B_t]
         i2t = x.new_empty(b_i, b_t)
         t2i = x.new_empty(b_i, b_t)
-        arg_r = torch.empty(b_i, b_t, n1, dtype=torch.int16, device=x.device)  # best text token per image token
-        arg_k = torch.empty(b_i, b_t, n2, dtype=torch.int16, device=x.device)  # best image token per text token
+        # Which token won each max: the best text token per image token, the best image token per text token.
+        arg_r = torch.zeros(b_i, b_t, n1 if want_i2t else 0, dtype=torch.int16, device=x.device)
+        arg_k = torch.zeros(b_i, b_t, n2 if want_t2i else 0, dtype=torch.int16, device=x.device)
+        if not want_i2t:
+            i2t.zero_()
+        if not want_t2i:
+            t2i.zero_()
         neg = torch.finfo(x.dtype).min
         for i0 in range(0, b_i, ci):
             xs, xms = x[i0 : i0 + ci], xm[i0 : i0 + ci]
@@ -84,23 +89,28 @@ class _ChunkedLateInteraction(torch.autograd.Function):
                 ys, yms = y[j0 : j0 + ct], ym[j0 : j0 + ct]
                 # One matmul: [ci*n1, d] @ [d, ct*n2], viewed as [ci, n1, ct, n2] (no copy).
                 sim = (xs.reshape(-1, d) @ ys.reshape(-1, d).t()).view(xs.shape[0], n1, ys.shape[0], n2)
-                sim.masked_fill_(~yms[None, None, :, :], neg)
-                best_r, idx_r = sim.max(dim=3)  # [ci, n1, ct]
-                sim.masked_fill_(~xms[:, :, None, None], neg)
-                best_k, idx_k = sim.max(dim=1)  # [ci, ct, n2]
-                best_r = best_r.transpose(1, 2)  # [ci, ct, n1]
-                i2t[i0 : i0 + ci, j0 : j0 + ct] = (best_r * xw[i0 : i0 + ci, None, :]).sum(-1) / x_count[i0 : i0 + ci, None]
-                t2i[i0 : i0 + ci, j0 : j0 + ct] = (best_k * yw[None, j0 : j0 + ct, :]).sum(-1) / y_count[None, j0 : j0 + ct]
-                arg_r[i0 : i0 + ci, j0 : j0 + ct] = idx_r.transpose(1, 2).to(torch.int16)
-                arg_k[i0 : i0 + ci, j0 : j0 + ct] = idx_k.to(torch.int16)
+                if want_i2t:
+                    sim.masked_fill_(~yms[None, None, :, :], neg)
+                    best_r, idx_r = sim.max(dim=3)  # [ci, n1, ct]
+                    best_r = best_r.transpose(1, 2)  # [ci, ct, n1]
+                    i2t[i0 : i0 + ci, j0 : j0 + ct] = (best_r * xw[i0 : i0 + ci, None, :]).sum(-1) / x_count[i0 : i0 + ci, None]
+                    arg_r[i0 : i0 + ci, j0 : j0 + ct] = idx_r.transpose(1, 2).to(torch.int16)
+                if want_t2i:
+                    sim.masked_fill_(~xms[:, :, None, None], neg)
+                    best_k, idx_k = sim.max(dim=1)  # [ci, ct, n2]
+                    t2i[i0 : i0 + ci, j0 : j0 + ct] = (best_k * yw[None, j0 : j0 + ct, :]).sum(-1) / y_count[None, j0 : j0 + ct]
+                    arg_k[i0 : i0 + ci, j0 : j0 + ct] = idx_k.to(torch.int16)
         ctx.save_for_backward(x, y, xw, yw, x_count, y_count, arg_r, arg_k)
         ctx.blocks = (ci, ct)
+        ctx.want = (want_i2t, want_t2i)
+        ctx.mark_non_differentiable(*[o for o, w in ((i2t, want_i2t), (t2i, want_t2i)) if not w])
         return i2t, t2i
 
     @staticmethod
     def backward(ctx, g_i2t, g_t2i):  # type: ignore[override]
         x, y, xw, yw, x_count, y_count, arg_r, arg_k = ctx.saved_tensors
         ci, ct = ctx.blocks
+        want_i2t, want_t2i = ctx.want
         b_i, n1, d = x.shape
         b_t, n2, _ = y.shape
         gx = torch.zeros_like(x)
@@ -115,15 +125,15 @@ class _ChunkedLateInteraction(torch.autograd.Function):
             for j0 in range(0, b_t, ct):
                 j1 = min(j0 + ct, b_t)
                 c = x.new_zeros(i1 - i0, j1 - j0, n1, n2)  # d(outputs)/d<x_ik, y_jr> for this block
-                # image->text: token k of image i routes its gradient to the text token r that won.
-                src = g_i2t[i0:i1, j0:j1, None] * wx[i0:i1, None, :]  # [ci, ct, n1]
-                c.scatter_add_(3, arg_r[i0:i1, j0:j1].long().unsqueeze(-1), src.unsqueeze(-1))
-                # text->image: token r of text j routes its gradient to the image token k that won.
-                src = g_t2i[i0:i1, j0:j1, None] * wy[None, j0:j1, :]  # [ci, ct, n2]
-                c.scatter_add_(2, arg_k[i0:i1, j0:j1].long().unsqueeze(2), src.unsqueeze(2))
+                if want_i2t:  # image->text: token k of image i routes its gradient to the text token r that won.
+                    src = g_i2t[i0:i1, j0:j1, None] * wx[i0:i1, None, :]  # [ci, ct, n1]
+                    c.scatter_add_(3, arg_r[i0:i1, j0:j1].long().unsqueeze(-1), src.unsqueeze(-1))
+                if want_t2i:  # text->image: token r of text j routes its gradient to the image token k that won.
+                    src = g_t2i[i0:i1, j0:j1, None] * wy[None, j0:j1, :]  # [ci, ct, n2]
+                    c.scatter_add_(2, arg_k[i0:i1, j0:j1].long().unsqueeze(2), src.unsqueeze(2))
                 gx[i0:i1] += torch.einsum("ijkr,jrd->ikd", c, y[j0:j1])
                 gy[j0:j1] += torch.einsum("ijkr,ikd->jrd", c, x[i0:i1])
-        return gx, gy, None, None, None, None
+        return gx, gy, None, None, None, None, None, None
 
 
 def block_sizes(b_i: int, b_t: int, n1: int, n2: int, elem_bytes: int, memory_mb: float) -> tuple[int, int]:
@@ -140,8 +150,12 @@ def late_interaction_chunked(
     image_mask: Tensor | None = None,  # [B_i, n1] bool
     text_mask: Tensor | None = None,  # [B_t, n2] bool
     memory_mb: float = 256.0,
+    directions: str = "both",
 ) -> tuple[Tensor, Tensor]:
     """`late_interaction` with bounded memory: no [B_i, B_t, n1, n2] tensor in forward or backward.
+
+    directions: "both", "i2t" or "t2i"; the direction not asked for comes back as zeros
+    (no gradient) and costs nothing but the shared matmul.
 
     The similarity is built in blocks of at most `memory_mb`; what autograd keeps is the
     argmax indices (int16, [B_i, B_t, n1 + n2]), about n1*n2/(n1+n2)*2 times less than the
@@ -157,5 +171,7 @@ def late_interaction_chunked(
         text_mask = torch.ones(b_t, n2, dtype=torch.bool, device=text_tokens.device)
     dtype = torch.promote_types(image_tokens.dtype, text_tokens.dtype)
     ci, ct = block_sizes(b_i, b_t, n1, n2, torch.finfo(dtype).bits // 8, memory_mb)
-    return _ChunkedLateInteraction.apply(image_tokens.to(dtype), text_tokens.to(dtype),
-                                         image_mask, text_mask, ci, ct)
+    if directions not in ("both", "i2t", "t2i"):
+        raise ValueError(f"directions must be both, i2t or t2i, not {directions!r}")
+    return _ChunkedLateInteraction.apply(image_tokens.to(dtype), text_tokens.to(dtype), image_mask, text_mask,
+                                         ci, ct, directions != "t2i", directions != "i2t")

@@ -40,17 +40,14 @@ def pair_logits(local: Features, gathered: Features, interaction: str,
     (possibly reduced) samples of every worker.
     """
     if interaction == "late":
-        i2t, _ = _one_direction(local.image_tokens, gathered.text_tokens, local.image_mask, gathered.text_mask, memory_mb)
-        _, t2i = _one_direction(gathered.image_tokens, local.text_tokens, gathered.image_mask, local.text_mask, memory_mb)
+        i2t, _ = late_interaction_chunked(local.image_tokens, gathered.text_tokens.to(local.image_tokens.dtype),
+                                          local.image_mask, gathered.text_mask, memory_mb, directions="i2t")
+        _, t2i = late_interaction_chunked(gathered.image_tokens.to(local.text_tokens.dtype), local.text_tokens,
+                                          gathered.image_mask, local.text_mask, memory_mb, directions="t2i")
         return i2t, t2i.t()  # t2i was [B, b] (images x local texts)
     if interaction == "global":
         return local.image_embed @ gathered.text_embed.t(), local.text_embed @ gathered.image_embed.t()
     raise ValueError(f"unknown interaction {interaction!r}")
-
-
-def _one_direction(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor, memory_mb: float) -> tuple[Tensor, Tensor]:
-    # Both directions come out of one pass; the caller keeps the one it needs.
-    return late_interaction_chunked(x, y.to(x.dtype), xm, ym, memory_mb=memory_mb)
 
 
 def filip_loss(

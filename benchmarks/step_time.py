@@ -1,0 +1,80 @@
+"""Training step time, late vs global interaction, same towers, 2 workers (the paper's mark: late = 1.06x global).
+
+    .venv/bin/python benchmarks/step_time.py [--recipe recipes/smoke.yaml] [--steps 30] [--set key=value ...]
+
+Runs the real pretraining job (jobs.pretrain under torchrun, DeepSpeed, gloo on CPU / NCCL on
+GPU) once per setting on the same generated data and reports the mean compute step time
+(forward, gather, loss, backward, optimizer step; data loading excluded; first steps skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from filipctl.recipes import load_recipe, recipe_to_dict  # noqa: E402
+
+SETTINGS = [
+    ("global (CLIP)", ["model.interaction=global"]),
+    ("late, fp32, 100% tokens", ["model.interaction=late", "model.gather_dtype=fp32", "model.token_keep=1.0"]),
+    ("late, fp16, 25% tokens", ["model.interaction=late", "model.gather_dtype=fp16", "model.token_keep=0.25"]),
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/smoke.yaml"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="filip-steptime-"))
+    common = [f"train.steps={args.steps}", f"train.workers={args.workers}", f"train.checkpoint_every={10**6}",
+              f"data.url={tmp / 'data'}", "data.synthetic.train_samples=2000", "data.synthetic.eval_samples=10",
+              *args.sets]
+    from jobs.synthetic import generate
+
+    rows = []
+    for name, sets in SETTINGS:
+        recipe = load_recipe(args.recipe, [*common, *sets])
+        s = recipe.data.synthetic
+        generate(recipe.data.url, s.train_samples, s.eval_samples, s.samples_per_shard, s.image_size,
+                 s.max_objects, s.seed)
+        work = tmp / name.replace(" ", "_").replace(",", "").replace("%", "")
+        work.mkdir(parents=True)
+        (work / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
+               "--master_addr=127.0.0.1", f"--master_port={_port()}", "-m", "jobs.pretrain",
+               "--recipe", str(work / "recipe.json"), "--workdir", str(work)]
+        env = {k: v for k, v in os.environ.items() if k not in ("FILIPCTL_MLFLOW_RUN_ID", "FILIPCTL_EVENTS")}
+        subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = json.loads((work / "pretrain.json").read_text())
+        rows.append((name, result["compute_step_s"]))
+        print(f"{name}: {result['compute_step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    base = rows[0][1]
+    r = load_recipe(args.recipe, common)
+    print(f"{r.name} towers, local batch {r.train.micro_batch_size} x {args.workers} workers, {args.steps} steps, "
+          f"ZeRO-{r.train.zero_stage}, {r.train.precision}\n")
+    print("| loss | s / step | vs global |")
+    print("|---|---|---|")
+    for name, t in rows:
+        print(f"| {name} | {t:.3f} | {t / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
