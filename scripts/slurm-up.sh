@@ -2,12 +2,14 @@
 # Bring up a real single-node Slurm cluster (Debian 12's Slurm 22.05, munge, slurmdbd + MariaDB) on
 # this machine, as root, without systemd: the daemons are started directly and left running.
 #   scripts/slurm-up.sh           install what is missing, start what is down, wait until the node is
-#                                 idle and sacct answers (about 2 s when everything is already up)
+#                                 idle and sacct answers (under a second when everything is already up)
 #   scripts/slurm-up.sh --down    stop every daemon and remove their pid files
 #   scripts/slurm-up.sh --status  print each daemon's state and sinfo
 # Accounting goes through slurmdbd + MariaDB because submitit reads job states from sacct: without it
 # every state reads UNKNOWN and a cancelled job's result() hangs.
 set -euo pipefail
+# Root's PATH in CI can lack the sbin directories, where the daemons, runuser and dpkg's helpers live.
+export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 
 CLUSTER=filip
 NODE="$(uname -n)"; NODE="${NODE%%.*}"           # what `hostname -s` prints; slurmd looks itself up by it
@@ -24,7 +26,7 @@ die() { echo "slurm-up: error: $*" >&2; exit 1; }
 # --- daemons -------------------------------------------------------------------------------------
 
 # The pid of a live daemon, found by its exact process name. Daemons fork to detach, and the parent
-# they leave behind stays a zombie for about 2 s: `kill -0` succeeds on it, so skip state Z.
+# they leave behind stays a zombie for a few seconds: `kill -0` succeeds on it, so skip state Z.
 daemon_pid() {
   local pid
   for pid in $(pgrep -x "$1" || true); do
@@ -49,23 +51,25 @@ log_file() {
   esac
 }
 
-# Fail naming the daemon, with the end of its log, which is where the reason is.
+# Fail naming the daemon, with the end of its log and of what it printed at start: the reason is there.
 fail_daemon() {
-  local log; log="$(log_file "$1")"
-  echo "slurm-up: error: $1 $2; last lines of $log:" >&2
-  tail -n 20 "$log" >&2 2>/dev/null || echo "  ($log is missing)" >&2
+  local log
+  echo "slurm-up: error: $1 $2" >&2
+  for log in "$(log_file "$1")" "$LOG_DIR/$1.out"; do
+    [ -s "$log" ] && { echo "--- last lines of $log:" >&2; tail -n 20 "$log" >&2; }
+  done
   exit 1
 }
 
-# Poll a check command once a second (0.2 s at first: most things are ready within a second).
+# Poll a check command until it succeeds, for at most WAIT_S seconds; stop early when the daemon it
+# waits for has exited (after 2 s: mariadbd, started in the background, takes a moment to appear).
 wait_for() {
-  local what="$1" i; shift
-  for ((i = 0; i < WAIT_S * 5; i++)); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep "$([ "$i" -lt 10 ] && echo 0.2 || echo 1)"
-    ((i >= 10)) && ((i += 4))
+  local name="$1" start=$SECONDS; shift
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS - start < 2)) || daemon_pid "$name" >/dev/null || fail_daemon "$name" "exited"
+    ((SECONDS - start < WAIT_S)) || fail_daemon "$name" "did not come up within ${WAIT_S}s"
+    sleep 0.2
   done
-  fail_daemon "$what" "did not come up within ${WAIT_S}s"
 }
 
 # Start one daemon unless it runs. Stale pid files from a killed daemon break its next start.
@@ -73,21 +77,23 @@ start_daemon() {
   local name="$1"
   daemon_pid "$name" >/dev/null && return 0
   rm -f "$(pid_file "$name")"
-  # Every start redirects stdio: a daemon that keeps the caller's stdout open makes
-  # `$(scripts/slurm-up.sh)` or `scripts/slurm-up.sh | tee` wait for it forever.
+  # stdio goes to a file of its own, not the caller's: a daemon holding the caller's stdout makes
+  # `$(scripts/slurm-up.sh)` or `... | tee` wait for it forever. Not to the daemon's log either: a log
+  # created here would belong to root, and the daemons write theirs as their own users.
   case "$name" in
     munged)   runuser -u munge -- /usr/sbin/munged --force ;;
     # mariadbd does not daemonize: setsid detaches it from this script's session.
     mariadbd) setsid /usr/sbin/mariadbd --user=mysql --skip-networking \
                 --log-error="$(log_file mariadbd)" & ;;
     *)        "/usr/sbin/$name" ;;
-  esac </dev/null >/dev/null 2>&1 || fail_daemon "$name" "failed to start"
+  esac </dev/null >"$LOG_DIR/$name.out" 2>&1 || fail_daemon "$name" "failed to start"
+  # `timeout`: a Slurm client can block for tens of seconds on a port that accepts but never answers.
   case "$name" in
-    munged)   wait_for munged munge_works ;;
-    mariadbd) wait_for mariadbd mariadb-admin ping ;;
-    slurmdbd) wait_for slurmdbd sacctmgr -n list cluster ;;
-    slurmctld) wait_for slurmctld scontrol ping ;;
-    slurmd)   wait_for slurmd daemon_pid slurmd ;;
+    munged)    wait_for munged munge_works ;;
+    mariadbd)  wait_for mariadbd mariadb-admin ping ;;
+    slurmdbd)  wait_for slurmdbd timeout 5 sacctmgr -n list cluster ;;
+    slurmctld) wait_for slurmctld timeout 5 scontrol ping ;;
+    slurmd)    wait_for slurmd daemon_pid slurmd ;;
   esac
   say "$name up"
 }
@@ -117,7 +123,7 @@ install_packages() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  say "installing ${missing[*]} (about 15 s)"
+  say "installing ${missing[*]} (about 20 s)"
   # The image's policy-rc.d keeps the packages' scripts from starting daemons: this script does.
   apt-get update -qq >/dev/null || die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
@@ -146,14 +152,18 @@ ClusterName=$CLUSTER
 SlurmctldHost=$NODE
 SlurmUser=slurm
 AuthType=auth/munge
+# A requeued job may start again only cred_expire + 1 s later (default 120 s); 10 s is still ample
+# for a step on this node to present its credential.
+AuthInfo=cred_expire=10
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-# Start a submitted job within about a second instead of three.
-SchedulerParameters=batch_sched_delay=0,bf_interval=1
+# Start a submitted job within about a second instead of three. The main loop runs every 2 s instead of
+# 60 s: it alone starts a job whose begin time passes with nothing else happening (a requeued job).
+SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2
 # Reject impossible requests at submit instead of leaving them pending forever.
 EnforcePartLimits=ALL
 JobRequeue=1
@@ -197,6 +207,7 @@ configure() {
   getent hosts "$NODE" >/dev/null || { echo "127.0.0.1 $NODE" >>/etc/hosts; say "added $NODE to /etc/hosts"; }
   install -d -o munge -g munge -m 0755 /run/munge
   install -d -o mysql -g mysql -m 0755 /run/mysqld
+  install -d -o mysql -g adm -m 2750 /var/log/mysql   # for --log-error; the package does not create it
   install -d -o slurm -g slurm -m 0755 /var/spool/slurmctld "$LOG_DIR"
   install -d -m 0755 /var/spool/slurmd
   if [ ! -s /etc/munge/munge.key ]; then
@@ -223,13 +234,6 @@ create_database() {
     || die "could not create the slurm_acct_db database in MariaDB"
 }
 
-# slurmctld sends job records only for a cluster that slurmdbd knows.
-register_cluster() {
-  sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" && return 0
-  sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr could not add cluster $CLUSTER"
-  say "registered cluster $CLUSTER with slurmdbd"
-}
-
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null; }
 
 node_usable() {
@@ -240,8 +244,7 @@ node_usable() {
 # across restarts: give it back to the scheduler.
 resume_if_drained() {
   case "$(node_state)" in
-    drain*|drng|draining|drained) scontrol update NodeName="$NODE" State=RESUME
-                                  say "resumed drained node $NODE" ;;
+    drain*) scontrol update NodeName="$NODE" State=RESUME; say "resumed drained node $NODE" ;;
   esac
 }
 
@@ -255,12 +258,13 @@ up() {
   start_daemon mariadbd
   create_database
   start_daemon slurmdbd
-  register_cluster
+  # slurmctld adds its cluster (and the root account) to slurmdbd when it first registers: jobs run
+  # and are recorded without associations, since AccountingStorageEnforce is unset.
   start_daemon slurmctld
   start_daemon slurmd
   resume_if_drained
   wait_for slurmd node_usable
-  wait_for slurmdbd sacct -n -X -j 1
+  wait_for slurmdbd timeout 5 sacct -n -X -j 1
   say "slurm up: node $NODE $(node_state), partition debug, cluster $CLUSTER"
 }
 
