@@ -37,10 +37,28 @@ RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML fi
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
-def _load(path: str, sets: list[str] | None):
+RunRef = Annotated[Optional[str], typer.Argument(
+    metavar="[RUN]", help="MLflow run id of the pipeline (a prefix is enough) or its name; default: the newest.")]
+UriOpt = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
+ExpOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment.")]
+
+
+def _tracking_uri(uri: str | None) -> str:
+    from pathlib import Path
+
+    from filipctl import tracking
+
+    resolved = tracking.resolve_uri(uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved.removeprefix("sqlite:///")).exists():
+        raise FilipctlError(f"no MLflow store at {resolved}: run `filipctl run RECIPE` here first, or pass --tracking-uri")
+    return resolved
+
+
+def _load(path: str, sets: list[str] | None, cluster: str | None = None):
     from filipctl.recipes import load_recipe
 
-    return load_recipe(path, sets or [])
+    return load_recipe(path, sets or [], cluster=cluster)
 
 
 @app.command()
@@ -48,9 +66,14 @@ def run(
     recipe: RecipeArg,
     set_: SetOpt = None,
     cluster: Annotated[Optional[str], typer.Option(
-        "--cluster", "-c", help="Backend to run on (overrides the recipe's cluster.backend). Available: local.")] = None,
+        "--cluster", "-c", help="Cluster profile clusters/NAME.yaml (e.g. slurm, example-site) or a backend "
+        "name (local, slurm); overrides the recipe's cluster section.")] = None,
     fresh: Annotated[bool, typer.Option(
         "--fresh", help="Delete this recipe's checkpoints first instead of resuming from them.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan and each stage's job (sbatch script on Slurm); submit nothing.")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="On a scheduler: queue every stage and return (follow with status/logs/cancel).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe's stages (data -> pretrain -> eval) and track them in MLflow.
@@ -63,14 +86,16 @@ def run(
 
       filipctl run recipes/smoke.yaml --set train.steps=50 --set model.interaction=global
     """
-    sets = list(set_ or [])
-    if cluster:
-        sets.append(f"cluster.backend={cluster}")
-    r = _load(recipe, sets)  # validation first: a bad recipe writes nothing anywhere
-    from filipctl.pipeline import run_pipeline
+    r = _load(recipe, set_, cluster)  # validation first: a bad recipe writes nothing anywhere
+    from filipctl import pipeline
 
     console = err if as_json else out
-    result = run_pipeline(r, recipe, r.cluster.backend, console, fresh=fresh)
+    if dry_run:
+        pipeline.dry_run(r, console)
+        return
+    if detach and r.cluster.backend == "local":
+        raise FilipctlError("--detach needs a scheduler (--cluster slurm): local stages run in this process")
+    result = pipeline.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
     from filipctl import tracking
 
     if as_json:
@@ -101,18 +126,18 @@ def run(
 @app.command()
 def status(
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent runs.")] = 10,
-    tracking_uri: Annotated[Optional[str], typer.Option(
-        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")] = None,
-    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "filip",
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = "filip",
     as_json: JsonOpt = False,
 ) -> None:
-    """Recent runs and their stages (state, key metric, duration), read from MLflow."""
-    from filipctl import status as st
-    from filipctl import tracking
+    """Recent runs and their stages (state, job, key metric, duration), read from MLflow.
 
-    uri = tracking.resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not __import__("pathlib").Path(uri.removeprefix("sqlite:///")).exists():
-        raise FilipctlError(f"no MLflow store at {uri}: run `filipctl run RECIPE` here first, or pass --tracking-uri")
+    Stages MLflow still shows as queued or running are checked with their scheduler (sacct on
+    Slurm) and MLflow is corrected when the job has ended.
+    """
+    from filipctl import status as st
+
+    uri = _tracking_uri(tracking_uri)
     rows = st.collect(uri, experiment, limit)
     if as_json:
         print(json.dumps(rows, indent=1))
@@ -121,6 +146,61 @@ def status(
         out.print(f"no filipctl runs in experiment {experiment!r} at {uri}")
         return
     out.print(st.render(rows))
+
+
+@app.command()
+def logs(
+    run_ref: RunRef = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage (data, pretrain, eval).")] = None,
+    tail: Annotated[int, typer.Option("--tail", "-n", help="Last N lines per stage; 0 = all.")] = 40,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = "filip",
+) -> None:
+    """Print the job logs of a run's stages, wherever they ran (local processes or Slurm jobs)."""
+    from filipctl.backends import get_backend
+    from filipctl.runs import find_pipeline, stage_jobs
+
+    client, parent = find_pipeline(_tracking_uri(tracking_uri), experiment, run_ref)
+    jobs = [j for j in stage_jobs(client, parent) if stage in (None, j.stage)]
+    if not jobs:
+        raise FilipctlError(f"run {parent.info.run_name} has no stage {stage!r}")
+    for j in jobs:
+        out.rule(f"{j.stage}  {j.state}  job {j.job_id.split('@')[0] or '-'}")
+        text = get_backend(j.backend).logs(j.job_id) if j.job_id else ""
+        lines = text.splitlines()
+        sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + "\n")
+
+
+@app.command()
+def cancel(
+    run_ref: RunRef = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = "filip",
+) -> None:
+    """Cancel a run: every stage not yet finished is cancelled on its backend and marked KILLED in MLflow."""
+    from filipctl.backends import get_backend
+    from filipctl.runs import find_pipeline, stage_jobs
+
+    from filipctl.status import reconcile
+
+    client, parent = find_pipeline(_tracking_uri(tracking_uri), experiment, run_ref)
+    cancelled = []
+    for j in stage_jobs(client, parent):
+        if j.state in ("FINISHED", "FAILED", "KILLED"):
+            continue
+        # A stage whose job already ended is recorded as it ended, not as cancelled.
+        if reconcile(client, client.get_run(j.run_id), j.backend, j.job_id) in ("COMPLETED", "FAILED", "CANCELLED"):
+            continue
+        if j.job_id:
+            get_backend(j.backend).cancel(j.job_id)
+        client.set_terminated(j.run_id, status="KILLED")
+        cancelled.append(f"{j.stage}" + (f" (job {j.job_id.split('@')[0]})" if j.job_id else ""))
+    if parent.info.status in ("RUNNING", "SCHEDULED"):
+        client.set_terminated(parent.info.run_id, status="KILLED")
+    if cancelled:
+        out.print(f"cancelled {parent.info.run_name}: {', '.join(cancelled)}", highlight=False)
+    else:
+        out.print(f"{parent.info.run_name} has nothing left to cancel ({parent.info.status})", highlight=False)
 
 
 @recipe_app.command("validate")

@@ -90,15 +90,57 @@ def _tail(text: str, n: int = 25) -> str:
     return "\n".join("    " + ln for ln in lines[-n:])
 
 
-def run_pipeline(recipe: Recipe, recipe_path: str, backend_name: str, console: Console,
-                 fresh: bool = False) -> PipelineResult:
-    t0 = time.time()
-    backend = get_backend(backend_name)
+def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
+    """On Slurm the profile decides the world size; the recipe follows so batch and LR scaling are honest."""
+    if recipe.cluster.backend != "slurm":
+        return recipe
+    world = recipe.cluster.slurm.world_size
+    if recipe.train.workers == world:
+        return recipe
+    console.print(f"note: train.workers {recipe.train.workers} -> {world} (cluster profile "
+                  f"{recipe.cluster.name}: {recipe.cluster.slurm.nodes} nodes x {recipe.cluster.slurm.tasks_per_node} "
+                  f"tasks); global batch {recipe.train.micro_batch_size * world}", highlight=False)
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"workers": world})})
+
+
+def _placeholder_ids(stages: list[Stage]) -> dict[str, str]:
+    return {s.name: f"<{s.name} job id>" for s in stages}
+
+
+def dry_run(recipe: Recipe, console: Console) -> None:
+    """Print the plan and what each stage would submit; submit and write nothing."""
+    recipe = align_to_cluster(recipe, console)
+    backend = get_backend(recipe.cluster.backend, recipe.cluster)
     workdir = workdir_for(recipe)
+    stages = plan(recipe)
+    ids = _placeholder_ids(stages)
+    console.print(f"dry run: {recipe.name} on {backend.name} (profile {recipe.cluster.name}), workdir {workdir}, "
+                  f"global batch {recipe.train.global_batch}, nothing submitted", highlight=False)
+    for i, stage in enumerate(stages, 1):
+        after = f" after {', '.join(stage.after)} succeeds" if stage.after else ""
+        console.print(f"\n[bold]# stage {i}/{len(stages)}: {stage.name}[/] ({stage.module}){after}", highlight=False)
+        request = JobRequest(stage, workdir / "recipe.json", workdir,
+                             after=tuple(ids[d] for d in stage.after) if backend.native_dependencies else ())
+        console.print(backend.describe(request), highlight=False, markup=False, soft_wrap=True)
+
+
+def run_pipeline(recipe: Recipe, recipe_path: str, console: Console, fresh: bool = False,
+                 detach: bool = False) -> PipelineResult:
+    t0 = time.time()
+    recipe = align_to_cluster(recipe, console)
+    backend = get_backend(recipe.cluster.backend, recipe.cluster)
+    workdir = workdir_for(recipe)
+    stages = plan(recipe)
+    recipe_file = workdir / "recipe.json"
+    ids = _placeholder_ids(stages)
+    # Ask the scheduler first: a request it can never satisfy fails here, with nothing queued or tracked.
+    for stage in stages:
+        backend.validate(JobRequest(stage, recipe_file, workdir, after=tuple(ids[d] for d in stage.after)
+                                    if backend.native_dependencies else ()))
+
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    recipe_file = workdir / "recipe.json"
     _write_atomic(recipe_file, json.dumps(recipe_to_dict(recipe), indent=1))
     uri = tracking.resolve_uri(recipe.tracking.uri)
     tracker = tracking.Tracker(uri, recipe.tracking.experiment)
@@ -107,7 +149,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str, backend_name: str, console: C
         name=f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}", recipe=recipe_to_dict(recipe),
         recipe_path=recipe_path, backend=backend.name,
         tags={**{f"filipctl.{k}": v for k, v in git.items()}, "mlflow.source.git.commit": git["git_commit"],
-              tracking.TAG_WORKDIR: str(workdir), "filipctl.fingerprint": recipe_fingerprint(recipe)},
+              tracking.TAG_WORKDIR: str(workdir), "filipctl.fingerprint": recipe_fingerprint(recipe),
+              "filipctl.cluster": recipe.cluster.name},
         recipe_yaml=recipe_to_yaml(recipe), versions=provenance.package_versions(),
     )
     console.print(f"run [bold]{recipe.name}[/] on [bold]{backend.name}[/]  workdir {workdir}  "
@@ -115,34 +158,68 @@ def run_pipeline(recipe: Recipe, recipe_path: str, backend_name: str, console: C
     if git["git_dirty"] == "true":
         console.print("[yellow]note:[/] the source tree has uncommitted changes (tagged filipctl.git_dirty=true)")
 
-    metrics: dict[str, dict[str, float]] = {}
-    for stage in plan(recipe):
-        child = tracker.start_stage(parent, stage.name, recipe.name, backend.name, stage.key_metric)
-        events_file = workdir / "logs" / f"{stage.name}.events.jsonl"
-        events_file.unlink(missing_ok=True)
-        request = JobRequest(stage, recipe_file, workdir, env={
-            "MLFLOW_TRACKING_URI": uri, "FILIPCTL_MLFLOW_RUN_ID": child, "FILIPCTL_EVENTS": str(events_file),
+    children = {s.name: tracker.start_stage(parent, s.name, recipe.name, backend.name, s.key_metric) for s in stages}
+    submitted: dict[str, str] = {}
+    finished: set[str] = set()
+
+    def events_file(stage: Stage) -> Path:
+        return workdir / "logs" / f"{stage.name}.events.jsonl"
+
+    def submit(stage: Stage) -> None:
+        events_file(stage).unlink(missing_ok=True)
+        after = tuple(submitted[d] for d in stage.after) if backend.native_dependencies else ()
+        request = JobRequest(stage, recipe_file, workdir, after=after, env={
+            "MLFLOW_TRACKING_URI": uri, "FILIPCTL_MLFLOW_RUN_ID": children[stage.name],
+            "FILIPCTL_EVENTS": str(events_file(stage)),
         })
-        job_id = backend.submit(request)
-        tracker.tag(child, tracking.TAG_JOB, job_id)
-        try:
-            state = _wait(backend, job_id, stage, _EventTail(events_file), console)
-        except KeyboardInterrupt:
-            backend.cancel(job_id)
-            tracker.log_file(child, request.log_file, "logs")
-            tracker.end(child, "KILLED")
-            tracker.end(parent, "KILLED")
-            raise StageFailed(f"interrupted: cancelled stage {stage.name}; a rerun resumes from the latest checkpoint")
-        tracker.log_file(child, request.log_file, "logs")
-        if state is not JobState.COMPLETED:
-            tracker.end(child, "KILLED" if state is JobState.CANCELLED else "FAILED")
-            tracker.end(parent, "FAILED")
-            raise StageFailed(
-                f"stage {stage.name} {state.value.lower()}; later stages not run. "
-                f"Last lines of {request.log_file}:\n{_tail(backend.logs(job_id))}"
-            )
-        tracker.end(child, "FINISHED")
-        metrics[stage.name] = tracker.metrics(child)
+        submitted[stage.name] = backend.submit(request)
+        tracker.tag(children[stage.name], tracking.TAG_JOB, submitted[stage.name])
+
+    def abandon(status: str) -> list[str]:
+        """Cancel every stage that has not finished; end its MLflow run; return their names."""
+        left = [s.name for s in stages if s.name not in finished]
+        for name in left:
+            if name in submitted:
+                backend.cancel(submitted[name])
+            tracker.end(children[name], status)
+        tracker.end(parent, "KILLED" if status == "KILLED" else "FAILED")
+        return left
+
+    metrics: dict[str, dict[str, float]] = {}
+    try:
+        if backend.native_dependencies:
+            try:
+                for stage in stages:
+                    submit(stage)
+            except FilipctlError:
+                abandon("FAILED")
+                raise
+            console.print("queued: " + ", ".join(f"{n} = job {j.split('@')[0]}" for n, j in submitted.items()),
+                          highlight=False)
+            if detach:
+                console.print(f"detached. Follow with: filipctl status   filipctl logs {parent[:8]}   "
+                              f"filipctl cancel {parent[:8]}", highlight=False)
+                return PipelineResult(parent, uri, workdir, {}, time.time() - t0)
+        for stage in stages:
+            if stage.name not in submitted:
+                submit(stage)
+            job_id = submitted[stage.name]
+            state = _wait(backend, job_id, stage, _EventTail(events_file(stage)), console)
+            tracker.log_text(children[stage.name], backend.logs(job_id), f"logs/{stage.name}.log")
+            if state is not JobState.COMPLETED:
+                tracker.end(children[stage.name], "KILLED" if state is JobState.CANCELLED else "FAILED")
+                finished.add(stage.name)
+                left = abandon("KILLED")
+                what = "cancelled" if backend.native_dependencies else "not run"
+                raise StageFailed(
+                    f"stage {stage.name} {state.value.lower()}; {what}: {', '.join(left) or 'nothing'}. "
+                    f"Last lines of its log:\n{_tail(backend.logs(job_id))}"
+                )
+            finished.add(stage.name)
+            tracker.end(children[stage.name], "FINISHED")
+            metrics[stage.name] = tracker.metrics(children[stage.name])
+    except KeyboardInterrupt:
+        left = abandon("KILLED")
+        raise StageFailed(f"interrupted: cancelled {', '.join(left)}; a rerun resumes from the latest checkpoint")
     tracker.end(parent, "FINISHED")
     return PipelineResult(parent, uri, workdir, metrics, time.time() - t0)
-

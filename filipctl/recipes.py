@@ -132,10 +132,53 @@ def _known_keys_hint(loc: tuple[Any, ...]) -> str:
     return f"{hint}; valid keys here: {', '.join(keys)}"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge, override and validate a recipe. Raises RecipeError with a readable message."""
+BACKEND_NAMES = ("local", "slurm")
+
+
+def profile_dirs() -> list[Path]:
+    """Where `--cluster NAME` looks for NAME.yaml: ./clusters, then the clusters/ shipped with filipctl."""
+    from filipctl.provenance import SOURCE_ROOT
+
+    dirs = [Path.cwd() / "clusters", SOURCE_ROOT / "clusters"]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def find_cluster_profile(name: str) -> Path | None:
+    if name.endswith((".yaml", ".yml")):
+        p = Path(name)
+        if not p.is_file():
+            raise RecipeError(f"--cluster {name}: profile file not found")
+        return p
+    for d in profile_dirs():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    return None
+
+
+def _cluster_section(name: str) -> tuple[dict[str, Any], Path | None]:
+    profile = find_cluster_profile(name)
+    if profile is None:
+        if name in BACKEND_NAMES:
+            return {"backend": name, "name": name}, None
+        known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+        raise RecipeError(f"--cluster {name}: no profile {name}.yaml in {', '.join(str(d) for d in profile_dirs())}; "
+                          f"profiles: {', '.join(known) or 'none'}; backends: {', '.join(BACKEND_NAMES)}")
+    data = _read_yaml(profile)
+    data.setdefault("name", profile.stem)
+    return data, profile
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cluster: str | None = None) -> Recipe:
+    """Read, merge, override and validate a recipe. Raises RecipeError with a readable message.
+
+    Order: the recipe's extends: chain, then the cluster profile (into `cluster:`), then --set.
+    """
     path = Path(path)
     data = _load_chain(path)
+    profile: Path | None = None
+    if cluster:
+        section, profile = _cluster_section(cluster)
+        data["cluster"] = _deep_merge(data.get("cluster") or {}, section)
     override_of: dict[tuple[str, ...], str] = {}
     for text in overrides:
         parts, value = parse_override(text)
@@ -153,6 +196,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 if loc[:n] in override_of:
                     origin = f" (from --set {override_of[loc[:n]]})"
                     break
+            else:
+                if profile is not None and loc[:1] == ("cluster",):
+                    origin = f" (from cluster profile {profile})"
             lines.append(f"  {key}: {_describe_error(err)}{origin}")
         count = "" if len(lines) == 1 else f" ({len(lines)} problems)"
         raise RecipeError(f"{path}: invalid recipe{count}:\n" + "\n".join(lines)) from None

@@ -162,10 +162,41 @@ class TrackingConfig(Section):
     experiment: str = Field("filip", description="MLflow experiment name.")
 
 
-class ClusterConfig(Section):
-    """Where the stages run."""
+class SlurmProfile(Section):
+    """Slurm resources for the pretraining stage (data and eval run as one task on one node)."""
 
-    backend: Literal["local"] = Field("local", description="local: worker processes on this machine.")
+    partition: str | None = Field(None, description="Partition (sbatch --partition); null = the cluster's default.")
+    account: str | None = Field(None, description="Account to charge (sbatch --account).")
+    qos: str | None = Field(None, description="Quality of service (sbatch --qos).")
+    time_min: int = Field(60, gt=0, description="Time limit per job in minutes; a timed-out pretraining job requeues and resumes.")
+    nodes: int = Field(1, gt=0, description="Nodes for pretraining.")
+    tasks_per_node: int = Field(1, gt=0, description="Worker processes per node: one per device (GPU).")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (sbatch --gpus-per-node); 0 = CPU only.")
+    cpus_per_task: int | None = Field(None, gt=0, description="CPU cores per worker process.")
+    mem_gb: float | None = Field(None, gt=0, description="Memory per node in GB; null = the partition's default.")
+    constraint: str | None = Field(None, description="Node features (sbatch --constraint).")
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="Extra sbatch options, e.g. {exclusive: true, reservation: big}."
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run before each job, e.g. 'module load cuda/12.4'."
+    )
+    signal_delay_s: int = Field(
+        120, ge=10, description="Seconds before the time limit at which the job is signalled to checkpoint and requeue."
+    )
+    max_requeues: int = Field(3, ge=0, description="How many times a timed-out or preempted job requeues itself.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+class ClusterConfig(Section):
+    """Where the stages run. `--cluster NAME` loads clusters/NAME.yaml (a profile) into this section."""
+
+    backend: Literal["local", "slurm"] = Field("local", description="local: processes on this machine; slurm: jobs through submitit.")
+    name: str = Field("local", description="The profile's name (shown in MLflow tags and `filipctl status`).")
+    slurm: SlurmProfile = Field(default_factory=SlurmProfile)
 
 
 class Recipe(Section):

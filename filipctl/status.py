@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from filipctl import tracking
+from filipctl.backends import JobState, get_backend
 
 
 def _duration(start: int | None, end: int | None) -> float | None:
@@ -15,8 +16,29 @@ def _duration(start: int | None, end: int | None) -> float | None:
     return (end - start) / 1000
 
 
-def collect(uri: str, experiment: str, limit: int) -> list[dict[str, Any]]:
-    """Newest first: one dict per pipeline with its stages."""
+ACTIVE = ("RUNNING", "SCHEDULED")
+TO_MLFLOW = {JobState.COMPLETED: "FINISHED", JobState.FAILED: "FAILED", JobState.CANCELLED: "KILLED"}
+
+
+def reconcile(client, run, backend_name: str, job_id: str) -> str:
+    """Ask the scheduler about a stage MLflow still thinks is queued or running; fix MLflow if the job ended.
+
+    Returns the scheduler's word for the job ("" when there is no scheduler to ask).
+    """
+    if not job_id or backend_name == "local":
+        return ""
+    try:
+        state = get_backend(backend_name).status(job_id)
+    except Exception as exc:  # the scheduler may be unreachable from here: show MLflow's view
+        return f"unknown ({type(exc).__name__})"
+    if state in TO_MLFLOW and run.info.status in ACTIVE:
+        client.set_terminated(run.info.run_id, status=TO_MLFLOW[state])
+        run.info._status = TO_MLFLOW[state]
+    return state.value
+
+
+def collect(uri: str, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
+    """Newest first: one dict per pipeline with its stages, scheduler states reconciled into MLflow."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -30,17 +52,29 @@ def collect(uri: str, experiment: str, limit: int) -> list[dict[str, Any]]:
         children = client.search_runs([exp.experiment_id], f"tags.`{tracking.PARENT}` = '{p.info.run_id}'",
                                       order_by=["attributes.start_time ASC"])
         stages = []
+        backend = p.data.tags.get(tracking.TAG_BACKEND, "")
         for c in children:
             key = c.data.tags.get(tracking.TAG_KEY_METRIC, "")
+            job_id = c.data.tags.get(tracking.TAG_JOB, "")
+            scheduler = ""
+            if ask_scheduler and (c.info.status in ACTIVE or p.info.status in ACTIVE):
+                scheduler = reconcile(client, c, backend, job_id)
             stages.append({
                 "stage": c.data.tags.get(tracking.TAG_STAGE, c.info.run_name),
                 "run_id": c.info.run_id,
                 "state": c.info.status,
-                "job_id": c.data.tags.get(tracking.TAG_JOB, ""),
+                "scheduler": scheduler,
+                "job_id": job_id,
                 "key_metric": key,
                 "value": c.data.metrics.get(key),
                 "duration_s": _duration(c.info.start_time, c.info.end_time),
             })
+        if p.info.status in ACTIVE and stages and all(s["state"] not in ACTIVE for s in stages):
+            final = "FINISHED" if all(s["state"] == "FINISHED" for s in stages) else (
+                "KILLED" if any(s["state"] == "KILLED" for s in stages) and not any(s["state"] == "FAILED" for s in stages)
+                else "FAILED")
+            client.set_terminated(p.info.run_id, status=final)
+            p.info._status = final
         rows.append({
             "name": p.info.run_name,
             "run_id": p.info.run_id,
@@ -67,14 +101,17 @@ def render(rows: list[dict[str, Any]]):
 
     colour = {"FINISHED": "green", "RUNNING": "cyan", "FAILED": "red", "KILLED": "yellow", "SCHEDULED": "blue"}
     table = Table(title="filipctl runs (newest first)", header_style="bold")
-    for col in ("run / stage", "recipe", "backend", "state", "key metric", "duration"):
-        table.add_column(col)
+    for col in ("run / stage", "recipe", "backend", "state", "job", "key metric", "duration"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         st = r["state"]
-        table.add_row(f"[bold]{r['name']}[/]", r["recipe"], r["backend"], f"[{colour.get(st, 'white')}]{st}[/]",
-                      "", fmt_duration(r["duration_s"]))
+        table.add_row(f"[bold]{r['name']}[/]", r["recipe"], r["backend"],
+                      f"[{colour.get(st, 'white')}]{st}[/]", "", "", fmt_duration(r["duration_s"]))
         for s in r["stages"]:
             value = "-" if s["value"] is None else f"{s['key_metric']}={s['value']:.4g}"
-            table.add_row(f"  └ {s['stage']}", "", "", f"[{colour.get(s['state'], 'white')}]{s['state']}[/]",
-                          value, fmt_duration(s["duration_s"]))
+            state = f"[{colour.get(s['state'], 'white')}]{s['state']}[/]"
+            if s["scheduler"]:
+                state += f" ({s['scheduler'].lower()})"
+            job = s["job_id"].split("@")[0] if r["backend"] != "local" else ""
+            table.add_row(f"  └ {s['stage']}", "", "", state, job, value, fmt_duration(s["duration_s"]))
     return table

@@ -84,6 +84,8 @@ class Tracker:
             PARENT: parent_id, TAG_KIND: "stage", TAG_STAGE: stage, TAG_RECIPE: recipe_name,
             TAG_BACKEND: backend, TAG_KEY_METRIC: key_metric,
         })
+        # Queued until its job starts; the job marks it RUNNING (jobs.metrics.StageLogger).
+        self.client.update_run(run.info.run_id, status="SCHEDULED")
         return run.info.run_id
 
     def tag(self, run_id: str, key: str, value: str) -> None:
@@ -92,6 +94,10 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if path.exists():
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        if text:
+            self.client.log_text(run_id, text, artifact_file)
 
     def end(self, run_id: str, status: str) -> None:
         """status: FINISHED, FAILED or KILLED."""

@@ -16,6 +16,9 @@ class StageLogger:
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient()
+            run = self._client.get_run(self.run_id)
+            if run.info.status == "SCHEDULED":
+                self._client.update_run(self.run_id, status="RUNNING")
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if not self._client:
@@ -29,6 +32,11 @@ class StageLogger:
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         if self._client:
             self._client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str) -> None:
+        """End the stage's run (FINISHED or FAILED) when no CLI is waiting to do it (detached runs)."""
+        if self._client:
+            self._client.set_terminated(self.run_id, status=status)
 
     def tags(self, values: dict[str, str]) -> None:
         if self._client:

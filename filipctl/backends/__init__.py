@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from filipctl.backends.base import Backend, JobRequest, JobState
 from filipctl.errors import FilipctlError
+from filipctl.schema import ClusterConfig
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "slurm")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
     if name == "local":
         from filipctl.backends.local import LocalBackend
 
         return LocalBackend()
-    raise FilipctlError(f"--cluster {name}: unknown backend; available: {', '.join(BACKENDS)}")
+    if name == "slurm":
+        from filipctl.backends.slurm import SlurmBackend
+
+        return SlurmBackend(cluster.slurm if cluster else None)
+    raise FilipctlError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
 __all__ = ["BACKENDS", "Backend", "JobRequest", "JobState", "get_backend"]

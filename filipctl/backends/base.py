@@ -57,3 +57,9 @@ class Backend(Protocol):
 
     def logs(self, job_id: str) -> str:
         """The job's combined stdout/stderr so far."""
+
+    def validate(self, request: JobRequest) -> None:
+        """Raise FilipctlError if the job could never run (before anything is queued or tracked)."""
+
+    def describe(self, request: JobRequest) -> str:
+        """What would be submitted (the command or batch script), for --dry-run."""

@@ -37,13 +37,23 @@ class LocalBackend:
     def __init__(self) -> None:
         self._procs: dict[str, subprocess.Popen] = {}
 
-    def submit(self, request: JobRequest) -> str:
+    def _argv(self, request: JobRequest, port: int) -> list[str]:
         stage = request.stage
         argv = request.command(sys.executable)
         if stage.distributed:
             # torchrun: one process per worker, rendezvous on a free loopback port.
             argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stage.processes}",
-                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *argv[1:]]
+                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}", *argv[1:]]
+        return argv
+
+    def validate(self, request: JobRequest) -> None:
+        return None
+
+    def describe(self, request: JobRequest) -> str:
+        return " ".join(self._argv(request, 29500))
+
+    def submit(self, request: JobRequest) -> str:
+        argv = self._argv(request, _free_port())
         request.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         log = open(request.log_file, "ab")

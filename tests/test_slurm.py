@@ -1,0 +1,184 @@
+"""The Slurm backend against the real single-node cluster that scripts/slurm-up.sh brings up.
+
+No test double: jobs go through submitit and sbatch, states come from sacct, and the
+pretraining job is a real 2-task DeepSpeed group initialised from Slurm's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    res = subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"the test cluster did not come up:\n{res.stderr}"
+
+
+def sacct(job: str) -> dict[str, str]:
+    """State, start, end of a job (allocation only), straight from Slurm's accounting."""
+    res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,Start,End", "-j", job],
+                         capture_output=True, text=True, check=True)
+    state, start, end = res.stdout.strip().splitlines()[0].split("|")
+    # -D lists every incarnation of a requeued job (Slurm 22.05's sacct has no Restarts field).
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job],
+                             capture_output=True, text=True, check=True).stdout.split()
+    return {"state": state.split()[0], "start": start, "end": end, "restarts": str(history.count("REQUEUED"))}
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def my_queue() -> list[str]:
+    res = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True)
+    return [ln for ln in res.stdout.splitlines() if "filip-" in ln]
+
+
+def status_json(tmp_path: Path) -> list[dict]:
+    res = run_cli("status", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def job_ids(row: dict) -> dict[str, str]:
+    return {s["stage"]: s["job_id"].split("@")[0] for s in row["stages"]}
+
+
+SLURM = ["--cluster", "slurm"]
+
+
+def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "zeroshot_top1" in res.stdout and "queued: data = job" in res.stdout
+
+    row = status_json(tmp_path)[0]
+    assert row["backend"] == "slurm" and row["state"] == "FINISHED"
+    ids = job_ids(row)
+    acct = {stage: sacct(job) for stage, job in ids.items()}
+    assert all(a["state"] == "COMPLETED" for a in acct.values()), acct
+    # afterok: each stage started only after the one before it ended.
+    assert acct["pretrain"]["start"] >= acct["data"]["end"]
+    assert acct["eval"]["start"] >= acct["pretrain"]["end"]
+    # The pretraining job was one 2-task distributed group (both ranks logged, rank 0 trained to the end).
+    folder = Path(row["stages"][1]["job_id"].split("@")[1])
+    assert (folder / f"{ids['pretrain']}_1_log.err").exists()
+    assert "step     20/20" in (folder / f"{ids['pretrain']}_0_log.out").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pre = client.get_run(row["stages"][1]["run_id"])
+    assert pre.data.tags["filipctl.job_id"].startswith(ids["pretrain"] + "@")
+    assert pre.data.metrics["final_loss"] > 0 and "logs" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+
+
+def test_detach_then_cancel(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides,
+                  "--set", "train.steps=2000", "--detach", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "detached" in res.stdout
+    ids = job_ids(status_json(tmp_path)[0])
+    wait_for(lambda: sacct(ids["pretrain"])["state"] == "RUNNING", 120, "pretraining to start")
+
+    res = run_cli("cancel", cwd=tmp_path)
+    assert res.returncode == 0 and "pretrain" in res.stdout and "eval" in res.stdout, res.stdout + res.stderr
+    wait_for(lambda: sacct(ids["pretrain"])["state"] == "CANCELLED", 60, "pretrain to read CANCELLED")
+    wait_for(lambda: sacct(ids["eval"])["state"] == "CANCELLED", 60, "eval to read CANCELLED")
+    assert sacct(ids["eval"])["start"] in ("None", "Unknown") or sacct(ids["eval"])["start"] == sacct(ids["eval"])["end"]
+    row = status_json(tmp_path)[0]
+    assert row["state"] == "KILLED"
+    assert [s["state"] for s in row["stages"]] == ["FINISHED", "KILLED", "KILLED"]
+    assert not any(ids["pretrain"] in q or ids["eval"] in q for q in my_queue())
+
+
+def test_failed_stage_cancels_its_dependents(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    # No dataset at the URL and generation switched off: the data job fails on the node.
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides,
+                  "--set", "data.synthetic=null", "--set", f"data.url={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "stage data failed; cancelled: pretrain, eval" in res.stderr
+    assert "dataset.json missing" in res.stderr  # the job's own message, from its log
+    ids = job_ids(status_json(tmp_path)[0])
+    assert sacct(ids["data"])["state"] == "FAILED"
+    for stage in ("pretrain", "eval"):
+        acct = wait_for(lambda: (a := sacct(ids[stage]))["state"] == "CANCELLED" and a, 60, f"{stage} cancelled")
+        assert acct["start"] in ("None", "Unknown") or acct["start"] == acct["end"], acct  # it never ran
+    assert list((tmp_path / "runs").glob("*/model.pt")) == []
+
+
+def test_requeued_pretraining_resumes_from_its_checkpoint(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    steps = 60
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides,
+                  "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10", "--detach", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = status_json(tmp_path)[0]
+    ids = job_ids(row)
+    workdir = next((tmp_path / "runs").glob("smoke-*"))
+    latest = workdir / "checkpoints" / "latest"
+    wait_for(lambda: latest.exists() and int(latest.read_text().strip().removeprefix("step")) >= 20, 240,
+             "a checkpoint at step 20 or later")
+    subprocess.run(["scontrol", "requeue", ids["pretrain"]], check=True)
+    saved_before_restart = int(latest.read_text().strip().removeprefix("step"))
+
+    def eval_done():
+        state = sacct(ids["eval"])["state"]
+        assert state not in ("FAILED", "CANCELLED"), state
+        return state == "COMPLETED"
+
+    wait_for(eval_done, 420, "eval after the requeued pretraining", every=3)
+    acct = sacct(ids["pretrain"])
+    assert acct["state"] == "COMPLETED" and int(acct["restarts"]) >= 1, acct
+    log = (Path(row["stages"][1]["job_id"].split("@")[1]) / f"{ids['pretrain']}_0_log.out").read_text()
+    resumed = [ln for ln in log.splitlines() if ln.startswith("resumed from")]
+    assert resumed, log[-3000:]
+    resumed_step = int(resumed[-1].rsplit("step", 1)[1])
+    assert resumed_step >= saved_before_restart >= 20
+    summary = json.loads((workdir / "pretrain.json").read_text())
+    assert summary["steps_run"] == steps - resumed_step  # it did not start over
+    assert (workdir / "model.pt").exists()
+    final = status_json(tmp_path)[0]  # status reconciles MLflow with sacct for the detached run
+    assert final["state"] == "FINISHED", final
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("cluster.slurm.gpus_per_node=1", "Invalid generic resource"),
+    ("cluster.slurm.nodes=4", "Node count specification invalid"),
+    ("cluster.slurm.mem_gb=100000", "Requested node configuration is not available"),
+])
+def test_impossible_request_fails_at_submit_leaving_nothing(tmp_path: Path, smoke_overrides: list[str],
+                                                            setting: str, message: str) -> None:
+    before = my_queue()
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides, "--set", setting, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Slurm refused" in res.stderr and message in res.stderr and "Traceback" not in res.stderr
+    assert my_queue() == before
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_sbatch_scripts_and_submits_nothing(tmp_path: Path) -> None:
+    before = my_queue()
+    res = run_cli("run", str(ROOT / "recipes/filip_large.yaml"), "--cluster", "example-site", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.count("#!/bin/bash") == 3
+    assert "#SBATCH --nodes=4" in out and "#SBATCH --ntasks-per-node=8" in out and "#SBATCH --gpus-per-node=8" in out
+    assert "afterok:<data job id>" in out and "afterok:<pretrain job id>" in out
+    assert "train.workers 192 -> 32" in out
+    assert my_queue() == before and not (tmp_path / "mlflow.db").exists()
