@@ -35,10 +35,11 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if "RANK" not in os.environ:  # a single process started by hand
+    if not dist.is_initialized() and "RANK" not in os.environ:  # a single process started by hand
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    if not dist.is_initialized():  # Ray Train joins the group itself before our code runs
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jobs.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.distributed import DistInfo, gather_features, init_distributed
 from jobs.events import emit
 from jobs.loader import train_batches
@@ -49,39 +50,37 @@ def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _latest_step(ckpt_dir: Path) -> int:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return 0
-    tag = latest.read_text().strip()
-    return int(tag.removeprefix("step")) if tag.startswith("step") else 0
-
-
 def _log(info: DistInfo, msg: str, **fields: Any) -> None:
     if info.is_main:
         emit(msg, stage="pretrain", **fields)
 
 
-def save_final_weights(engine, ckpt_dir: Path, tag: str, out: Path, zero_stage: int, info: DistInfo) -> None:
-    """Consolidate the (possibly ZeRO-partitioned) weights into one fp32 state_dict on rank 0."""
-    if zero_stage == 0:
-        state = {k: v.float() for k, v in engine.module.state_dict().items()}
-    else:
-        dist.barrier()
-        state = None
+def final_weights(engine, info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights on rank 0 (None elsewhere), whatever the ZeRO stage.
+
+    DeepSpeed assembles each parameter's fp32 master copy from its partitions (a collective:
+    every rank calls it), so no checkpoint file has to be readable from rank 0.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no ZeRO optimizer: the module holds the weights itself
+            full = p.detach()
         if info.is_main:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    if info.is_main:
-        tmp = out.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(out)  # never leave a half-written model.pt
-    dist.barrier()
+            state[name] = full.detach().float().cpu().clone()
+    if not info.is_main:
+        return None
+    for name, buf in engine.module.state_dict().items():
+        state.setdefault(name, buf.detach().float().cpu().clone())  # persistent buffers, if any
+    return state
 
 
-def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
+def train(recipe: dict[str, Any], workdir: Path, store: CheckpointStore | None = None) -> dict[str, float]:
+    """Pretrain; returns the summary rank 0 also writes to workdir/pretrain.json."""
     info = init_distributed()
+    store = store or DirectoryCheckpoints(workdir / "checkpoints")
     train_cfg, data_cfg, model_cfg = recipe["train"], recipe["data"], recipe["model"]
     if info.world_size != train_cfg["workers"]:
         _log(info, f"note: recipe asks for {train_cfg['workers']} workers, running on {info.world_size}")
@@ -98,11 +97,9 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe)
     )
 
-    ckpt_dir = workdir / "checkpoints"
-    start = _latest_step(ckpt_dir)
+    start, source = store.restore(engine)
     if start:
-        engine.load_checkpoint(str(ckpt_dir), tag=f"step{start}")
-        _log(info, f"resumed from {ckpt_dir}/step{start}")
+        _log(info, f"resumed from {source}")
 
     manifest = read_manifest(data_cfg["url"])
     if manifest is None:
@@ -162,12 +159,13 @@ def train(recipe: dict[str, Any], workdir: Path) -> dict[str, float]:
                        f"{dt:.2f} s/step  eta {int(eta // 60)}m{int(eta % 60):02d}s", done=done, total=steps, loss=loss_value)
             window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
         if done % train_cfg["checkpoint_every"] == 0 or done == steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done})
+            store.save(engine, done, {"step": done, "loss": loss_value})
 
-    final_tag = f"step{steps}"
-    if not (ckpt_dir / final_tag).exists():  # resumed at the last step: nothing ran, the checkpoint exists
-        engine.save_checkpoint(str(ckpt_dir), tag=final_tag, client_state={"step": steps})
-    save_final_weights(engine, ckpt_dir, final_tag, workdir / "model.pt", train_cfg["zero_stage"], info)
+    state = final_weights(engine, info)
+    if info.is_main:
+        tmp = workdir / "model.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(workdir / "model.pt")  # never leave a half-written model.pt
     warm = step_times[min(5, len(step_times) // 2):]  # the first steps pay for allocation and kernel warm-up
     result = {"final_loss": loss_value, "train_time_s": time.perf_counter() - t_start, "steps_run": steps - start,
               "compute_step_s": sum(warm) / len(warm) if warm else float("nan")}
