@@ -35,7 +35,7 @@ BAD_INPUTS = {
     "wrong type": (["recipes/smoke.yaml", "--set", "train.steps=lots"], ["train.steps", "integer", "'lots'"]),
     "missing file": (["recipes/missing.yaml"], ["recipes/missing.yaml", "not found"]),
     "bad --set": (["recipes/smoke.yaml", "--set", "train.steps"], ["--set", "KEY.PATH=VALUE"]),
-    "unknown backend": (["recipes/smoke.yaml", "--cluster", "mars"], ["cluster.backend", "'local'"]),
+    "unknown cluster": (["recipes/smoke.yaml", "--cluster", "mars"], ["--cluster mars", "no profile mars.yaml", "slurm"]),
 }
 
 
