@@ -93,8 +93,13 @@ def run(
     if dry_run:
         pipeline.dry_run(r, console)
         return
-    if detach and r.cluster.backend == "local":
-        raise FilipctlError("--detach needs a scheduler (--cluster slurm): local stages run in this process")
+    if detach:
+        from filipctl.backends import get_backend
+
+        if not get_backend(r.cluster.backend, r.cluster).native_dependencies:
+            # Without a scheduler to hold the afterok chain, this process is what starts each next stage.
+            raise FilipctlError(f"--detach needs a scheduler (--cluster slurm): {r.cluster.backend} stages "
+                                "are started one after another by this process")
     result = pipeline.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
     from filipctl import tracking
 
@@ -181,7 +186,7 @@ def cancel(
     from filipctl.backends import get_backend
     from filipctl.runs import find_pipeline, stage_jobs
 
-    from filipctl.status import reconcile
+    from filipctl.status import job_label, reconcile
 
     client, parent = find_pipeline(_tracking_uri(tracking_uri), experiment, run_ref)
     cancelled = []
@@ -194,7 +199,8 @@ def cancel(
         if j.job_id:
             get_backend(j.backend).cancel(j.job_id)
         client.set_terminated(j.run_id, status="KILLED")
-        cancelled.append(f"{j.stage}" + (f" (job {j.job_id.split('@')[0]})" if j.job_id else ""))
+        label = job_label(j.backend, j.job_id)
+        cancelled.append(j.stage + (f" (job {label})" if label else ""))
     if parent.info.status in ("RUNNING", "SCHEDULED"):
         client.set_terminated(parent.info.run_id, status="KILLED")
     if cancelled:

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from filipctl import provenance, tracking
 from filipctl.backends import Backend, JobRequest, JobState, get_backend
 from filipctl.errors import FilipctlError
-from filipctl.recipes import recipe_fingerprint, recipe_to_dict, recipe_to_yaml
+from filipctl.recipes import recipe_fingerprint, recipe_to_dict
 from filipctl.schema import Recipe
 from filipctl.stages import Stage, plan
 
@@ -91,15 +92,23 @@ def _tail(text: str, n: int = 25) -> str:
 
 
 def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
-    """On Slurm the profile decides the world size; the recipe follows so batch and LR scaling are honest."""
-    if recipe.cluster.backend != "slurm":
+    """Make the recipe mean the same wherever its jobs run.
+
+    Relative data paths become absolute (jobs may start in another directory: Ray workers do);
+    on a cluster the profile decides the world size, and the recipe follows so that the
+    global batch and the LR scaling are honest.
+    """
+    if "://" not in recipe.data.url and not Path(recipe.data.url).is_absolute():
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"url": str(Path(recipe.data.url).resolve())})})
+    if recipe.cluster.backend == "local":
         return recipe
-    world = recipe.cluster.slurm.world_size
+    profile = getattr(recipe.cluster, recipe.cluster.backend)
+    world = profile.world_size
     if recipe.train.workers == world:
         return recipe
-    console.print(f"note: train.workers {recipe.train.workers} -> {world} (cluster profile "
-                  f"{recipe.cluster.name}: {recipe.cluster.slurm.nodes} nodes x {recipe.cluster.slurm.tasks_per_node} "
-                  f"tasks); global batch {recipe.train.micro_batch_size * world}", highlight=False)
+    console.print(f"note: train.workers {recipe.train.workers} -> {world} (cluster profile {recipe.cluster.name}); "
+                  f"global batch {recipe.train.micro_batch_size * world}", highlight=False)
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"workers": world})})
 
 
@@ -151,7 +160,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str, console: Console, fresh: bool
         tags={**{f"filipctl.{k}": v for k, v in git.items()}, "mlflow.source.git.commit": git["git_commit"],
               tracking.TAG_WORKDIR: str(workdir), "filipctl.fingerprint": recipe_fingerprint(recipe),
               "filipctl.cluster": recipe.cluster.name},
-        recipe_yaml=recipe_to_yaml(recipe), versions=provenance.package_versions(),
+        recipe_yaml=yaml.safe_dump(tracking.redact(recipe_to_dict(recipe)), sort_keys=False),
+        versions=provenance.package_versions(),
     )
     console.print(f"run [bold]{recipe.name}[/] on [bold]{backend.name}[/]  workdir {workdir}  "
                   f"mlflow run {parent}", highlight=False)

@@ -37,6 +37,11 @@ def reconcile(client, run, backend_name: str, job_id: str) -> str:
     return state.value
 
 
+def job_label(backend_name: str, job_id: str) -> str:
+    """What a person can look up: Slurm's job id; local and Ray drivers' ids are record files, not shown."""
+    return "" if backend_name in ("local", "ray") else job_id.split("@")[0]
+
+
 def collect(uri: str, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
     """Newest first: one dict per pipeline with its stages, scheduler states reconciled into MLflow."""
     from mlflow.tracking import MlflowClient
@@ -65,6 +70,7 @@ def collect(uri: str, experiment: str, limit: int, ask_scheduler: bool = True) -
                 "state": c.info.status,
                 "scheduler": scheduler,
                 "job_id": job_id,
+                "ray_run": c.data.tags.get(tracking.TAG_RAY_RUN, ""),
                 "key_metric": key,
                 "value": c.data.metrics.get(key),
                 "duration_s": _duration(c.info.start_time, c.info.end_time),
@@ -112,6 +118,6 @@ def render(rows: list[dict[str, Any]]):
             state = f"[{colour.get(s['state'], 'white')}]{s['state']}[/]"
             if s["scheduler"]:
                 state += f" ({s['scheduler'].lower()})"
-            job = s["job_id"].split("@")[0] if r["backend"] != "local" else ""
+            job = s["ray_run"] or job_label(r["backend"], s["job_id"])
             table.add_row(f"  └ {s['stage']}", "", "", state, job, value, fmt_duration(s["duration_s"]))
     return table

@@ -17,6 +17,7 @@ TAG_STAGE = "filipctl.stage"
 TAG_JOB = "filipctl.job_id"
 TAG_KEY_METRIC = "filipctl.key_metric"
 TAG_WORKDIR = "filipctl.workdir"
+TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the storage path)
 PARENT = "mlflow.parentRunId"
 
 
@@ -31,11 +32,30 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
 
 
+# Keys whose values never reach MLflow: anything under env_vars, and keys named like credentials
+# (matched on the end of the name, so model.token_keep stays a parameter).
+SECRET_SECTIONS = ("env_vars",)
+SECRET_SUFFIXES = ("secret", "password", "token", "credentials", "access_key", "secret_key", "api_key")
+REDACTED = "<redacted>"
+
+
+def _is_secret(key: str) -> bool:
+    key = key.lower()
+    return key in SECRET_SECTIONS or key.endswith(SECRET_SUFFIXES)
+
+
+def redact(d: Any) -> Any:
+    """A copy with every value under a secret-looking key replaced, for params, tags and artifacts."""
+    if isinstance(d, dict):
+        return {k: REDACTED if _is_secret(str(k)) else redact(v) for k, v in d.items()}
+    return d
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) or v is None else str(v)
@@ -69,7 +89,7 @@ class Tracker:
         run_id = run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(k, v[:6000]) for k, v in flatten(recipe).items()]
+        params = [Param(k, v[:6000]) for k, v in flatten(redact(recipe)).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=params[i : i + 100])
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = True  # False when a launcher (Ray Train) created the process group
 
     @property
     def is_main(self) -> bool:
@@ -35,6 +36,7 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    owns_group = not dist.is_initialized()
     if not dist.is_initialized() and "RANK" not in os.environ:  # a single process started by hand
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -48,7 +50,7 @@ def init_distributed() -> DistInfo:
         # Ranks share the cores: one thread pool each would oversubscribe them.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group)
 
 
 def _free_port() -> int:

@@ -174,7 +174,8 @@ def train(recipe: dict[str, Any], workdir: Path, store: CheckpointStore | None =
         logger.artifact(str(workdir / "model.pt"), "model")
         (workdir / "pretrain.json").write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
+    if info.owns_group:
+        dist.destroy_process_group()
     return result
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from filipctl.errors import RecipeError
-from filipctl.recipes import load_recipe, recipe_fingerprint
+from filipctl.recipes import load_recipe, recipe_fingerprint, recipe_to_dict
 from filipctl.schema_doc import schema_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,3 +123,16 @@ def test_schema_documents_every_key() -> None:
     assert {"train.zero_stage", "model.interaction", "data.url", "tracking.uri", "eval.prefixes"} <= keys
     undocumented = [r["key"] for r in rows if not r["doc"].strip()]
     assert undocumented == []
+
+
+def test_redact_hides_credentials_but_keeps_model_switches() -> None:
+    from filipctl.tracking import REDACTED, flatten, redact
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", [
+        "cluster.ray.runtime_env={env_vars: {AWS_SECRET_ACCESS_KEY: s3cr3t, HF_TOKEN: t0k}, pip: [timm]}"])
+    params = flatten(redact(recipe_to_dict(recipe)))
+    assert params["cluster.ray.runtime_env.env_vars"] == REDACTED
+    assert params["cluster.ray.runtime_env.pip"] == '["timm"]'
+    assert params["model.token_keep"] == str(recipe.model.token_keep)
+    assert not any("s3cr3t" in v or "t0k" in v for v in params.values())
+    assert redact({"s3": {"api_key": "k", "endpoint": "http://x"}}) == {"s3": {"api_key": REDACTED, "endpoint": "http://x"}}

@@ -20,10 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _state_of(exit_code: int) -> JobState:
+def _state_of(exit_code: int, cancelled: bool = False) -> JobState:
     if exit_code == 0:
         return JobState.COMPLETED
-    if exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
+    # `cancelled`: filipctl asked it to stop, whatever status its signal handlers chose to exit with.
+    if cancelled or exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
         return JobState.CANCELLED
     return JobState.FAILED
 
@@ -74,7 +75,15 @@ class LocalBackend:
         rec = self._record(job_id)
         rec["exit_code"] = code
         Path(job_id).write_text(json.dumps(rec))
-        return _state_of(code)
+        return _state_of(code, rec.get("cancelled", False))
+
+    def _mark_cancelled(self, job_id: str) -> dict:
+        """Record the request before signalling, so whoever sees the exit reads it as a cancel."""
+        rec = self._record(job_id)
+        if "exit_code" not in rec:
+            rec["cancelled"] = True
+            Path(job_id).write_text(json.dumps(rec))
+        return rec
 
     def status(self, job_id: str) -> JobState:
         proc = self._procs.get(job_id)
@@ -83,15 +92,15 @@ class LocalBackend:
             return JobState.RUNNING if code is None else self._finish(job_id, code)
         rec = self._record(job_id)
         if "exit_code" in rec:
-            return _state_of(rec["exit_code"])
+            return _state_of(rec["exit_code"], rec.get("cancelled", False))
         try:
             os.kill(rec["pid"], 0)
             return JobState.RUNNING
         except ProcessLookupError:
-            return JobState.UNKNOWN
+            return JobState.CANCELLED if rec.get("cancelled") else JobState.UNKNOWN
 
     def cancel(self, job_id: str) -> None:
-        rec = self._record(job_id)
+        rec = self._mark_cancelled(job_id)
         try:
             os.killpg(rec["pid"], signal.SIGTERM)
         except ProcessLookupError:
