@@ -132,7 +132,7 @@ def _known_keys_hint(loc: tuple[Any, ...]) -> str:
     return f"{hint}; valid keys here: {', '.join(keys)}"
 
 
-BACKEND_NAMES = ("local", "slurm")
+BACKEND_NAMES = ("local", "slurm", "ray")
 
 
 def profile_dirs() -> list[Path]:

@@ -6,7 +6,7 @@ prints its documentation. Every model forbids unknown keys so a typo fails loudl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -191,12 +191,46 @@ class SlurmProfile(Section):
         return self.nodes * self.tasks_per_node
 
 
+class RayProfile(Section):
+    """Ray Train: pretraining as a TorchTrainer (DeepSpeed inside each worker); data and eval as Ray tasks."""
+
+    address: str = Field(
+        "local",
+        description="local: start a private Ray on this machine; auto: the Ray cluster running here; "
+        "HOST:PORT or ray://HOST:PORT: a remote cluster.",
+    )
+    workers: int = Field(2, gt=0, description="Training workers (one per device).")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves, e.g. {CPU: 8, GPU: 1}."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false = CPU workers (gloo).")
+    storage_path: str = Field(
+        "runs/ray",
+        description="Where Ray Train keeps checkpoints: a path or s3://bucket/prefix (endpoint and credentials "
+        "from the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; never recorded).",
+    )
+    max_failures: int = Field(2, ge=0, description="Worker-group failures tolerated; each restarts from the latest checkpoint.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a private (address: local) Ray; null = all of this machine's.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime environment (pip, working_dir, env_vars...). Values under env_vars are never recorded.",
+    )
+    connect_timeout_s: float = Field(30.0, gt=0, description="Give up connecting to `address` after this long.")
+
+    @property
+    def world_size(self) -> int:
+        return self.workers
+
+
 class ClusterConfig(Section):
     """Where the stages run. `--cluster NAME` loads clusters/NAME.yaml (a profile) into this section."""
 
-    backend: Literal["local", "slurm"] = Field("local", description="local: processes on this machine; slurm: jobs through submitit.")
+    backend: Literal["local", "slurm", "ray"] = Field(
+        "local", description="local: processes on this machine; slurm: jobs through submitit; ray: Ray Train."
+    )
     name: str = Field("local", description="The profile's name (shown in MLflow tags and `filipctl status`).")
     slurm: SlurmProfile = Field(default_factory=SlurmProfile)
+    ray: RayProfile = Field(default_factory=RayProfile)
 
 
 class Recipe(Section):

@@ -6,7 +6,7 @@ from filipctl.backends.base import Backend, JobRequest, JobState
 from filipctl.errors import FilipctlError
 from filipctl.schema import ClusterConfig
 
-BACKENDS = ("local", "slurm")
+BACKENDS = ("local", "slurm", "ray")
 
 
 def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
@@ -18,6 +18,10 @@ def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
         from filipctl.backends.slurm import SlurmBackend
 
         return SlurmBackend(cluster.slurm if cluster else None)
+    if name == "ray":
+        from filipctl.backends.ray import RayBackend
+
+        return RayBackend(cluster.ray if cluster else None)
     raise FilipctlError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 

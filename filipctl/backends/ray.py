@@ -1,0 +1,108 @@
+"""Ray backend: each stage runs under a small driver process (jobs/ray_train.py) that joins a Ray cluster.
+
+Pretraining becomes a Ray Train TorchTrainer (one worker per device, DeepSpeed inside each
+worker); data and eval run as Ray tasks on a remote cluster, and as plain processes when the
+"cluster" is a private Ray on this machine (address: local). The driver is managed like a local job (its pid and
+log live in the run folder), so status, logs and cancel work exactly as for local runs;
+cancelling the driver ends its Ray Train run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlparse
+
+from filipctl.backends.base import JobRequest
+from filipctl.backends.local import LocalBackend
+from filipctl.errors import FilipctlError
+from filipctl.schema import RayProfile
+
+
+def probe_address(address: str, timeout_s: float) -> str | None:
+    """None if something answers at a HOST:PORT or ray://HOST:PORT address, else why not."""
+    if address in ("local", "auto"):
+        return None
+    url = urlparse(address if "://" in address else f"tcp://{address}")
+    if not url.hostname or not url.port:
+        return f"expected HOST:PORT or ray://HOST:PORT, got {address!r}"
+    try:
+        with socket.create_connection((url.hostname, url.port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {url.hostname}:{url.port} ({exc.strerror or exc})"
+
+
+def missing_resources(profile: RayProfile, available: dict[str, float]) -> str | None:
+    """None if the cluster can hold every worker at once, else what is short."""
+    need = {k: v * profile.workers for k, v in profile.resources_per_worker.items()}
+    if profile.use_gpu and "GPU" not in need:  # Ray Train's default: one GPU per worker
+        need["GPU"] = float(profile.workers)
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0)}
+    if not short:
+        return None
+    what = ", ".join(f"{k}: needs {v:g}, has {have:g}" for k, (v, have) in short.items())
+    each = dict(profile.resources_per_worker)
+    if profile.use_gpu:
+        each.setdefault("GPU", 1.0)
+    return f"{profile.workers} workers x {each} do not fit the Ray cluster ({what})"
+
+
+class RayBackend(LocalBackend):
+    name: ClassVar[str] = "ray"
+    native_dependencies: ClassVar[bool] = False
+
+    def __init__(self, profile: RayProfile | None = None) -> None:
+        super().__init__()
+        self.profile = profile or RayProfile()
+
+    def _argv(self, request: JobRequest, port: int) -> list[str]:
+        if self.profile.address == "local" and not request.stage.distributed:
+            # A private Ray would run on this same machine: skip its start-up for one-process stages.
+            return super()._argv(request, port)
+        return [sys.executable, "-m", "jobs.ray_train", "--module", request.stage.module,
+                "--recipe", str(request.recipe_file), "--workdir", str(request.workdir)]
+
+    def validate(self, request: JobRequest) -> None:
+        p = self.profile
+        problem = probe_address(p.address, min(p.connect_timeout_s, 10.0))
+        if problem:
+            raise FilipctlError(f"Ray address {p.address}: {problem}. Start the cluster (ray start --head) "
+                                f"or fix cluster.ray.address")
+        if p.address == "local" and request.stage.distributed:
+            # The private Ray this run would start: its size is known before starting it.
+            problem = missing_resources(p, {"CPU": float(p.num_cpus or os.cpu_count() or 1), "GPU": 0.0})
+            if problem:
+                raise FilipctlError(f"{problem}; lower cluster.ray.workers or resources_per_worker")
+
+    def cancel(self, job_id: str) -> None:
+        # SIGTERM to the driver alone: it leaves through ray.shutdown, which stops its Ray Train run.
+        # Signalling the whole group would hit a private Ray's raylet too, before the driver.
+        pid = self._mark_cancelled(job_id)["pid"]
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # whatever outlived the grace period
+        except ProcessLookupError:
+            pass
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

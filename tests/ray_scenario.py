@@ -1,0 +1,142 @@
+"""One Ray scenario, run by tests/test_ray.py inside a loopback-only network namespace.
+
+Ray listens on every interface (FINDINGS): the test starts this script under `unshare --net`,
+so Ray, the moto S3 server and everything they talk to stay on that namespace's loopback.
+
+    python tests/ray_scenario.py WORKDIR RESULT.json
+
+It starts moto's S3 server on 127.0.0.1, runs `filipctl run recipes/smoke.yaml --cluster ray`
+with checkpoints on s3://, kills one Ray Train worker once two checkpoints are in the bucket, waits for the run to finish,
+then cancels a second, long run with `filipctl cancel` while its workers train, and writes what
+it saw to RESULT.json for the test to judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "filip-test-secret-9f3c1e7a"  # must never show up in anything filipctl writes
+BUCKET = "filip-ckpt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_workers() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmd:
+                pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def status_rows(work: Path, env: dict) -> list[dict]:
+    res = subprocess.run([sys.executable, "-m", "filipctl.cli", "status", "--json"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(res.stdout) if res.returncode == 0 else []
+
+
+def cancel_phase(work: Path, env: dict, argv: list[str]) -> dict:
+    """A second, long run: `filipctl cancel` from another process while its Ray Train workers run."""
+    long_run = subprocess.Popen([*argv, "--set", "train.steps=5000", "--set", "cluster.ray.storage_path=ray-store"],
+                                cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(train_workers()) < 2 and long_run.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.5)
+    running = len(train_workers())
+    cancel = subprocess.run([sys.executable, "-m", "filipctl.cli", "cancel"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=120)
+    try:
+        out, err = long_run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        long_run.kill()
+        out, err = long_run.communicate()
+    t1 = time.time()
+    while train_workers() and time.time() - t1 < 60:  # Ray tears its workers down asynchronously
+        time.sleep(0.5)
+    rows = status_rows(work, env)
+    return {"workers_running": running, "cancel_stdout": cancel.stdout, "cancel_stderr": cancel.stderr,
+            "cancel_rc": cancel.returncode, "run_rc": long_run.returncode, "run_stderr": err[-5000:],
+            "workers_left": train_workers(), "status": rows[0] if rows else None,
+            "first_run_status": rows[1] if len(rows) > 1 else None}
+
+
+def main() -> None:
+    work, result_file = Path(sys.argv[1]), Path(sys.argv[2])
+    from moto.server import ThreadedMotoServer
+    import s3fs
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "filip-test-key",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "RAY_AUTH_MODE": "disabled",
+           "COLUMNS": "200"}
+    fs = s3fs.S3FileSystem(key="filip-test-key", secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"])
+    fs.mkdir(BUCKET)
+    steps = 60
+    sets = {"train.steps": steps, "train.checkpoint_every": 10, "train.log_every": 10, "optim.warmup_steps": 5,
+            "data.synthetic.train_samples": 600, "data.synthetic.eval_samples": 100,
+            "data.synthetic.samples_per_shard": 200, "cluster.ray.storage_path": f"s3://{BUCKET}/ray"}
+    argv = [sys.executable, "-m", "filipctl.cli", "run", str(ROOT / "recipes/smoke.yaml"), "--cluster", "ray"]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    t0 = time.time()
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: dict = {}
+    while proc.poll() is None and not killed and time.time() - t0 < 400:
+        # Two checkpoints in the bucket: the first one is surely complete (every rank reported).
+        ckpts = [p for p in fs.find(f"{BUCKET}/ray") if p.endswith("/latest")]
+        workers = train_workers()
+        if len(ckpts) >= 2 and len(workers) >= 2:
+            victim = workers[-1]
+            os.kill(victim, signal.SIGKILL)
+            killed = {"pid": victim, "after_s": time.time() - t0, "checkpoints_before": len(ckpts)}
+        time.sleep(0.5)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    runs = list((work / "runs").glob("smoke-*"))
+    workdir = runs[0] if runs else work
+    files = fs.find(f"{BUCKET}/ray")
+    # Every byte filipctl wrote: run folder, MLflow store and artifacts, stdout/stderr, the S3 objects' names.
+    leaked = []
+    for path in [*work.rglob("*")]:
+        if path.is_file() and SECRET.encode() in path.read_bytes():
+            leaked.append(str(path))
+    if SECRET in out + err:
+        leaked.append("<cli output>")
+    cancel = cancel_phase(work, env, argv)
+    result = {
+        "cancel": cancel,
+        "returncode": proc.returncode, "stdout": out, "stderr": err[-20000:], "killed": killed,
+        "elapsed_s": time.time() - t0, "s3_files": files, "leaked": leaked, "steps": steps,
+        "pretrain_log": (workdir / "logs" / "pretrain.log").read_text(errors="replace")
+        if (workdir / "logs" / "pretrain.log").exists() else "",
+        "pretrain_json": json.loads((workdir / "pretrain.json").read_text()) if (workdir / "pretrain.json").exists() else None,
+        "model_exists": (workdir / "model.pt").exists(),
+    }
+    result_file.write_text(json.dumps(result))
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
