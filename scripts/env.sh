@@ -24,10 +24,18 @@ fi
 
 echo "==> creating $VENV (about 5 minutes the first time)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/constraints.txt")
-"${PIP[@]}" torch torchvision setuptools wheel
+LOG="$VENV/install.log"
+: > "$LOG"
+pip_install() {  # pip's chatter goes to the log; its tail is shown only when it fails
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/constraints.txt" "$@" >>"$LOG" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$LOG" | tail -30 >&2
+    echo "==> pip install $* failed; full log: $LOG" >&2
+    exit 1
+  fi
+}
+pip_install torch torchvision setuptools wheel
 # deepspeed ships as an sdist: build it against the torch above, without its fused CUDA ops.
-DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed
-"${PIP[@]}" --no-build-isolation -e "$ROOT[dev]"
+DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
+pip_install --no-build-isolation -e "$ROOT[dev]"
 echo "$stamp" > "$VENV/.filipctl-env"
 echo "==> environment ready: $VENV" >&2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def test_detach_then_cancel(tmp_path: Path, smoke_overrides: list[str]) -> None:
     row = status_json(tmp_path)[0]
     assert row["state"] == "KILLED"
     assert [s["state"] for s in row["stages"]] == ["FINISHED", "KILLED", "KILLED"]
-    assert not any(ids["pretrain"] in q or ids["eval"] in q for q in my_queue())
+    # Cancelled jobs linger in squeue (COMPLETING) until slurmd has reaped their processes.
+    wait_for(lambda: not any(q.split()[0] in (ids["pretrain"], ids["eval"]) for q in my_queue()), 60,
+             "the cancelled jobs to leave the queue")
 
 
 def test_failed_stage_cancels_its_dependents(tmp_path: Path, smoke_overrides: list[str]) -> None:
@@ -182,3 +185,14 @@ def test_dry_run_prints_sbatch_scripts_and_submits_nothing(tmp_path: Path) -> No
     assert "afterok:<data job id>" in out and "afterok:<pretrain job id>" in out
     assert "train.workers 192 -> 32" in out
     assert my_queue() == before and not (tmp_path / "mlflow.db").exists()
+
+
+def test_off_a_login_node_dry_run_still_plans_and_run_says_why_not(tmp_path: Path) -> None:
+    # PATH without the Slurm client tools: a laptop, or a node without Slurm installed.
+    env = {"PATH": str(Path(sys.executable).parent)}
+    res = run_cli("run", str(ROOT / "recipes/filip_large.yaml"), "--cluster", "example-site", "--dry-run",
+                  cwd=tmp_path, env=env)
+    assert res.returncode == 0 and res.stdout.count("#!/bin/bash") == 3, res.stderr
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), "--cluster", "slurm", cwd=tmp_path, env=env)
+    assert res.returncode == 1 and "not a Slurm login node" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []

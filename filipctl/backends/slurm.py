@@ -6,6 +6,7 @@ work from any later process (`filipctl status`, `filipctl cancel`) without extra
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ from typing import ClassVar
 from filipctl.backends.base import JobRequest, JobState
 from filipctl.errors import FilipctlError
 from filipctl.schema import SlurmProfile
+
+NOT_A_LOGIN_NODE = ("srun/sbatch not found: this machine is not a Slurm login node (`--dry-run` shows the "
+                    "plan anywhere; bring up a test cluster with scripts/slurm-up.sh)")
 
 # sacct states -> ours. REQUEUED/PREEMPTED/TIMEOUT are transient when submitit requeues the job.
 _STATES = {
@@ -41,13 +45,19 @@ class SlurmBackend:
 
     # -- submission -----------------------------------------------------------------------------
 
-    def _executor(self, request: JobRequest):
+    def _executor(self, request: JobRequest, planning: bool = False):
         import submitit
 
+        executor_cls = submitit.SlurmExecutor
+        if shutil.which("srun") is None:  # submitit refuses to start off a Slurm node
+            if not planning:
+                raise FilipctlError(NOT_A_LOGIN_NODE)
+            # --dry-run only writes the scripts: it works on a laptop too.
+            executor_cls = type("PlanningExecutor", (submitit.SlurmExecutor,), {"affinity": classmethod(lambda cls: 1)})
         p = self.profile
         stage = request.stage
         folder = request.workdir / "slurm"
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=p.max_requeues)
+        ex = executor_cls(folder=folder, max_num_timeout=p.max_requeues)
         extra: dict[str, object] = {"requeue": True, **p.sbatch}
         if request.after:
             extra["dependency"] = "afterok:" + ":".join(split_job_id(j)[0] for j in request.after)
@@ -82,7 +92,7 @@ class SlurmBackend:
 
     def describe(self, request: JobRequest) -> str:
         """The sbatch script submitit would submit for this stage (for --dry-run)."""
-        ex = self._executor(request)
+        ex = self._executor(request, planning=True)
         return ex._make_submission_file_text(ex._submitit_command_str, "DRYRUN")
 
     def validate(self, request: JobRequest) -> None:
@@ -95,8 +105,7 @@ class SlurmBackend:
         try:
             res = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise FilipctlError("sbatch not found: this machine is not a Slurm login node "
-                                "(bring up a test cluster with scripts/slurm-up.sh)") from None
+            raise FilipctlError(NOT_A_LOGIN_NODE) from None
         finally:
             Path(f.name).unlink(missing_ok=True)
         if res.returncode != 0:
