@@ -80,7 +80,12 @@ def connect(profile: RayProfile) -> None:
     if profile.address == "local":
         ray.init(num_cpus=profile.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     else:
-        ray.init(address=profile.address, **kwargs)
+        try:
+            ray.init(address=profile.address, **kwargs)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+            # Something answered at the address but it is not a Ray this driver can join.
+            why = " ".join(str(exc).split())[:400]
+            raise SystemExit(f"Ray address {profile.address}: could not join the cluster: {why}") from None
 
 
 def storage(profile: RayProfile) -> str:
@@ -115,12 +120,30 @@ def fit(recipe: dict[str, Any], workdir: Path, profile: RayProfile, env: dict[st
     print(f"ray train run {name}: checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
 
 
+def probe(address: str, timeout_s: float) -> int:
+    """Join the cluster at `address` and print its total resources as JSON (the CLI's pre-flight check)."""
+    import ray
+
+    connect(RayProfile(address=address, connect_timeout_s=timeout_s))
+    try:
+        print(json.dumps(ray.cluster_resources()), flush=True)
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", required=True)
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--probe", metavar="ADDRESS", help="only print the resources of the cluster at ADDRESS")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--module")
+    parser.add_argument("--recipe")
+    parser.add_argument("--workdir")
     args = parser.parse_args(argv)
+    if args.probe:
+        return probe(args.probe, args.timeout)
+    if not (args.module and args.recipe and args.workdir):
+        parser.error("--module, --recipe and --workdir are required")
     recipe = json.loads(Path(args.recipe).read_text())
     profile = RayProfile.model_validate(recipe["cluster"]["ray"])
     workdir = Path(args.workdir)

@@ -7,8 +7,9 @@ so Ray, the moto S3 server and everything they talk to stay on that namespace's 
 
 It starts moto's S3 server on 127.0.0.1, runs `filipctl run recipes/smoke.yaml --cluster ray`
 with checkpoints on s3://, kills one Ray Train worker once two checkpoints are in the bucket, waits for the run to finish,
-then cancels a second, long run with `filipctl cancel` while its workers train, and writes what
-it saw to RESULT.json for the test to judge.
+then starts a standing Ray cluster (`ray start --head`): asks it for too many workers (GCS and
+ray:// addresses) and cancels a long run on it (through Ray Client) while its workers train. What it
+saw goes to RESULT.json for the test to judge.
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Marks the processes of this scenario (Ray workers inherit it from their raylet): another Ray on
+# the machine, e.g. a second test session, is not ours to count or kill.
+MARK = f"FILIP_RAY_SCENARIO={os.getpid()}"
+
+
 def train_workers() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+                if "RayTrainWorker" in cmd and MARK.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
             except OSError:
                 continue
-            if "RayTrainWorker" in cmd:
-                pids.append(int(proc.name))
     return sorted(pids)
 
 
@@ -52,9 +58,39 @@ def status_rows(work: Path, env: dict) -> list[dict]:
     return json.loads(res.stdout) if res.returncode == 0 else []
 
 
-def cancel_phase(work: Path, env: dict, argv: list[str]) -> dict:
-    """A second, long run: `filipctl cancel` from another process while its Ray Train workers run."""
-    long_run = subprocess.Popen([*argv, "--set", "train.steps=5000", "--set", "cluster.ray.storage_path=ray-store"],
+def start_head(env: dict) -> dict:
+    """A standing Ray cluster (`ray start --head`), as a team would run one, with a Ray Client server."""
+    gcs, client = free_port(), free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    head = {"gcs": f"127.0.0.1:{gcs}", "client": f"ray://127.0.0.1:{client}"}
+    t0 = time.time()
+    while time.time() - t0 < 120:  # the client server is ready some time after `ray start` returns
+        probe = subprocess.run([sys.executable, "-m", "jobs.ray_train", "--probe", head["client"], "--timeout", "10"],
+                               env=env, capture_output=True, text=True, cwd=ROOT)
+        if probe.returncode == 0:
+            break
+        time.sleep(1)
+    head["ready_after_s"] = time.time() - t0
+    return head
+
+
+def too_many_workers(work: Path, env: dict, argv: list[str], address: str) -> dict:
+    """More workers than the standing cluster has CPUs: refused before anything is written."""
+    where = work / f"too-many-{len(list(work.glob('too-many-*')))}"
+    where.mkdir()
+    t0 = time.time()
+    res = subprocess.run([*argv, "--set", f"cluster.ray.address={address}", "--set", "cluster.ray.workers=8"],
+                         cwd=where, env=env, capture_output=True, text=True, timeout=300)
+    return {"rc": res.returncode, "stderr": res.stderr, "seconds": time.time() - t0,
+            "written": [p.name for p in where.iterdir()]}
+
+
+def cancel_phase(work: Path, env: dict, argv: list[str], address: str) -> dict:
+    """A second, long run on the standing cluster: `filipctl cancel` from another process mid-training."""
+    long_run = subprocess.Popen([*argv, "--set", "train.steps=5000", "--set", "cluster.ray.storage_path=ray-store",
+                                 "--set", f"cluster.ray.address={address}"],
                                 cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while len(train_workers()) < 2 and long_run.poll() is None and time.time() - t0 < 300:
@@ -87,7 +123,7 @@ def main() -> None:
     server.start()
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "filip-test-key",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "RAY_AUTH_MODE": "disabled",
-           "COLUMNS": "200"}
+           "COLUMNS": "200", MARK.split("=")[0]: MARK.split("=")[1]}
     fs = s3fs.S3FileSystem(key="filip-test-key", secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"])
     fs.mkdir(BUCKET)
     steps = 60
@@ -124,8 +160,15 @@ def main() -> None:
             leaked.append(str(path))
     if SECRET in out + err:
         leaked.append("<cli output>")
-    cancel = cancel_phase(work, env, argv)
+    head = start_head(env)
+    try:
+        too_many = [too_many_workers(work, env, argv, head[k]) for k in ("gcs", "client")]
+        cancel = cancel_phase(work, env, argv, head["client"])
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
     result = {
+        "head": head,
+        "too_many": too_many,
         "cancel": cancel,
         "returncode": proc.returncode, "stdout": out, "stderr": err[-20000:], "killed": killed,
         "elapsed_s": time.time() - t0, "s3_files": files, "leaked": leaked, "steps": steps,

@@ -57,7 +57,17 @@ def test_ray_end_to_end_worker_killed_resumes_from_s3_checkpoint(ray_result: dic
 
 
 @pytest.mark.slow
+def test_standing_cluster_too_small_is_refused_before_anything_is_written(ray_result: dict) -> None:
+    for attempt in ray_result["too_many"]:  # by GCS address, then by ray:// (Ray Client)
+        assert attempt["rc"] == 1 and "8 workers" in attempt["stderr"] and "CPU: needs 8, has 2" in attempt["stderr"]
+        assert "Traceback" not in attempt["stderr"] and attempt["written"] == [], attempt
+        assert attempt["seconds"] < 60, attempt
+        print(f"too many workers refused in {attempt['seconds']:.1f} s: {attempt['stderr'].strip()}")
+
+
+@pytest.mark.slow
 def test_ray_cancel_stops_the_train_workers(ray_result: dict) -> None:
+    """The long run is on the standing cluster, joined through ray:// (Ray Client)."""
     c = ray_result["cancel"]
     assert c["workers_running"] >= 2, c  # it was cancelled mid-training
     assert c["cancel_rc"] == 0 and "pretrain" in c["cancel_stdout"] and "eval" in c["cancel_stdout"], c

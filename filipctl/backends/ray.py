@@ -9,9 +9,11 @@ cancelling the driver ends its Ray Train run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,7 @@ class RayBackend(LocalBackend):
     def __init__(self, profile: RayProfile | None = None) -> None:
         super().__init__()
         self.profile = profile or RayProfile()
+        self._resources: dict[str, float] | None = None  # the remote cluster's, asked once per run
 
     def _argv(self, request: JobRequest, port: int) -> list[str]:
         if self.profile.address == "local" and not request.stage.distributed:
@@ -74,11 +77,28 @@ class RayBackend(LocalBackend):
         if problem:
             raise FilipctlError(f"Ray address {p.address}: {problem}. Start the cluster (ray start --head) "
                                 f"or fix cluster.ray.address")
-        if p.address == "local" and request.stage.distributed:
-            # The private Ray this run would start: its size is known before starting it.
-            problem = missing_resources(p, {"CPU": float(p.num_cpus or os.cpu_count() or 1), "GPU": 0.0})
-            if problem:
+        if request.stage.distributed:
+            problem = missing_resources(p, self._cluster_resources())
+            if problem:  # Ray would otherwise wait for them forever
                 raise FilipctlError(f"{problem}; lower cluster.ray.workers or resources_per_worker")
+
+    def _cluster_resources(self) -> dict[str, float]:
+        p = self.profile
+        if p.address == "local":  # the private Ray this run would start: its size is known already
+            return {"CPU": float(p.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
+        if self._resources is None:
+            # Join from a child process, bounded in time: the CLI itself never imports ray.
+            argv = [sys.executable, "-m", "jobs.ray_train", "--probe", p.address, "--timeout", str(p.connect_timeout_s)]
+            try:
+                res = subprocess.run(argv, capture_output=True, text=True, timeout=p.connect_timeout_s + 60)
+            except subprocess.TimeoutExpired:
+                raise FilipctlError(f"Ray address {p.address}: no answer from the cluster within "
+                                    f"{p.connect_timeout_s + 60:g} s; check it with `ray status`") from None
+            if res.returncode != 0:
+                why = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                raise FilipctlError(why if why.startswith("Ray address") else f"Ray address {p.address}: {why}")
+            self._resources = json.loads(res.stdout.strip().splitlines()[-1])
+        return self._resources
 
     def cancel(self, job_id: str) -> None:
         # SIGTERM to the driver alone: it leaves through ray.shutdown, which stops its Ray Train run.
