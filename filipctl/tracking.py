@@ -64,9 +64,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # "Creating initial MLflow database tables..." on every new store: noise in the run's output.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
