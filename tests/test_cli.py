@@ -108,7 +108,10 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     longer = [*smoke_overrides, "--set", "train.steps=200"]
     proc = subprocess.Popen([*FILIPCTL, "run", str(ROOT / "recipes/smoke.yaml"), *longer], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"},
+                            # As from a terminal: a shell without job control that started this
+                            # suite in the background hands its children SIGINT ignored.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = tmp_path / "runs"
     deadline = time.time() + 300
     latest = None
