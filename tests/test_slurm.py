@@ -30,7 +30,10 @@ def sacct(job: str) -> dict[str, str]:
     """State, start, end of a job (allocation only), straight from Slurm's accounting."""
     res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,Start,End", "-j", job],
                          capture_output=True, text=True, check=True)
-    state, start, end = res.stdout.strip().splitlines()[0].split("|")
+    lines = res.stdout.strip().splitlines()
+    if not lines:  # slurmdbd records a fresh submission a moment later
+        return {"state": "", "start": "", "end": "", "restarts": "0"}
+    state, start, end = lines[0].split("|")
     # -D lists every incarnation of a requeued job (Slurm 22.05's sacct has no Restarts field).
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job],
                              capture_output=True, text=True, check=True).stdout.split()
