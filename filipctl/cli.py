@@ -249,10 +249,13 @@ def recipe_keys(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
+    from rich.markup import escape
+
     try:
         code = app(standalone_mode=False)
     except FilipctlError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # The message may quote a job's log: "[/path...]" there is text, not rich markup.
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except click.exceptions.ClickException as e:
         e.show()

@@ -137,3 +137,12 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     assert f"resumed from {latest.parent}/step{saved}" in res.stdout
     summary = json.loads((latest.parent.parent / "pretrain.json").read_text())
     assert summary["steps_run"] == 200 - saved
+
+
+def test_error_quoting_a_log_with_brackets_is_printed_as_text(tmp_path: Path) -> None:
+    # Log tails in stage errors quote paths like "[/__w/pytorch/.../pair.cc:561]": not rich markup.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {steps: '[/__w/pair.cc:561]'}\n")
+    res = run_cli("recipe", "validate", str(recipe), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "MarkupError" not in res.stderr, res.stderr
+    assert res.stderr.count("error:") == 1 and "'[/__w/pair.cc:561]'" in res.stderr
