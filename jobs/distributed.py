@@ -61,11 +61,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gather_with_grad(t: Tensor) -> Tensor:
-    """Concatenate every rank's `t` along dim 0; backward sums each slot's gradient back to its owner."""
-    from torch.distributed._functional_collectives import all_gather_single_autograd
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's `t` along dim 0; backward sums each slot's gradient back to its owner.
 
-    return all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
+    Blocking collectives on purpose: the asynchronous functional all-gather (whose backward is a
+    reduce-scatter) is the one suspect of an intermittent heap corruption seen on gloo in CI.
+    gloo has no reduce-scatter of its own, so the backward is an all-reduce and a slice.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # [b, ...] -> [world * b, ...]
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(t) for _ in range(ctx.world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # [world * b, ...] -> [b, ...]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on every slot
+        return grad.chunk(ctx.world)[ctx.rank].contiguous()
+
+
+def _gather_with_grad(t: Tensor) -> Tensor:
+    return _AllGatherWithGrad.apply(t.contiguous())
 
 
 def _gather_no_grad(t: Tensor) -> Tensor:
