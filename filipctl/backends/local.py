@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,6 +35,7 @@ class LocalBackend:
 
     name: ClassVar[str] = "local"
     native_dependencies: ClassVar[bool] = False
+    stop_grace_s: ClassVar[float] = 15.0  # after SIGTERM, before SIGKILL
 
     def __init__(self) -> None:
         self._procs: dict[str, subprocess.Popen] = {}
@@ -99,20 +101,34 @@ class LocalBackend:
         except ProcessLookupError:
             return JobState.CANCELLED if rec.get("cancelled") else JobState.UNKNOWN
 
+    def _ask_to_stop(self, pid: int) -> None:
+        os.killpg(pid, signal.SIGTERM)  # the whole group: torchrun and its workers
+
     def cancel(self, job_id: str) -> None:
-        rec = self._mark_cancelled(job_id)
+        pid = self._mark_cancelled(job_id)["pid"]
         try:
-            os.killpg(rec["pid"], signal.SIGTERM)
+            self._ask_to_stop(pid)
         except ProcessLookupError:
             return
+        deadline = time.time() + self.stop_grace_s
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # whatever outlived the grace period
+        except ProcessLookupError:
+            pass
         proc = self._procs.get(job_id)
         if proc is not None:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(rec["pid"], signal.SIGKILL)
-                proc.wait()
+            proc.wait()
 
     def logs(self, job_id: str) -> str:
         path = Path(self._record(job_id)["log"])
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

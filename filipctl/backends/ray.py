@@ -15,8 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlparse
 
@@ -58,6 +56,7 @@ def missing_resources(profile: RayProfile, available: dict[str, float]) -> str |
 class RayBackend(LocalBackend):
     name: ClassVar[str] = "ray"
     native_dependencies: ClassVar[bool] = False
+    stop_grace_s: ClassVar[float] = 30.0  # ray.shutdown tears down the worker group first
 
     def __init__(self, profile: RayProfile | None = None) -> None:
         super().__init__()
@@ -100,29 +99,7 @@ class RayBackend(LocalBackend):
             self._resources = json.loads(res.stdout.strip().splitlines()[-1])
         return self._resources
 
-    def cancel(self, job_id: str) -> None:
+    def _ask_to_stop(self, pid: int) -> None:
         # SIGTERM to the driver alone: it leaves through ray.shutdown, which stops its Ray Train run.
         # Signalling the whole group would hit a private Ray's raylet too, before the driver.
-        pid = self._mark_cancelled(job_id)["pid"]
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + 30
-        while time.time() < deadline and _alive(pid):
-            time.sleep(0.2)
-        try:
-            os.killpg(pid, signal.SIGKILL)  # whatever outlived the grace period
-        except ProcessLookupError:
-            pass
-        proc = self._procs.get(job_id)
-        if proc is not None:
-            proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    """True while the process runs (a zombie, exited but not yet reaped by its parent, is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+        os.kill(pid, signal.SIGTERM)
