@@ -25,7 +25,11 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         os.environ.update(self.env)
         if self.distributed:
-            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node), MASTER_PORT from SLURM_* variables.
+            # submitit would draw the port from 20000-60000, inside Linux's ephemeral range (32768-60999),
+            # where an outgoing connection can hold it (EADDRINUSE seen in CI). Same rule on every task
+            # and every requeue of the job: a port below that range, from the job id.
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 12000))
+            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node) from SLURM_* variables.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         main = importlib.import_module(self.module).main
         try:
