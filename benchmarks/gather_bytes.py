@@ -4,7 +4,7 @@
 
 The features are real: produced by models.loss.reduce_for_gather on random unit tokens with
 ViT-B/32 shapes (n1 = 50 image tokens, n2 = 77 text slots, d = 256) and counted exactly as
-jobs.distributed.gather_features sends them (token tensors in the wire dtype + uint8 masks).
+models.gather.gather_features sends them (token tensors in the wire dtype + uint8 masks).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from jobs.distributed import gathered_bytes  # noqa: E402
+from models.gather import gathered_bytes  # noqa: E402
 from models.filip import Features  # noqa: E402
 from models.loss import reduce_for_gather  # noqa: E402
 

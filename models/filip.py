@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.tokenizer import text_mask
+
+if TYPE_CHECKING:  # the recipe's typed sections; only their attributes are read
+    from filipctl.schema import ImageTower, ModelConfig, TextTower
+
+
+class Encoded(NamedTuple):
+    """One modality of a batch, as the interactions score it (unit-norm along d)."""
+
+    tokens: Tensor  # [B, n, d]
+    mask: Tensor  # [B, n] bool, False on padding
+    pooled: Tensor  # [B, d] one vector per sample, for the global (CLIP) interaction
 
 
 @dataclass
@@ -23,45 +35,45 @@ class Features:
     image_embed: Tensor  # [B, d]  pooled [CLS], for the global (CLIP) interaction
     text_embed: Tensor  # [B, d]  pooled [EOS]
 
+    @property
+    def image(self) -> Encoded:
+        return Encoded(self.image_tokens, self.image_mask, self.image_embed)
+
+    @property
+    def text(self) -> Encoded:
+        return Encoded(self.text_tokens, self.text_mask, self.text_embed)
+
 
 class FILIP(nn.Module):
-    def __init__(
-        self,
-        embed_dim: int,
-        image: dict,
-        text: dict,
-        init_temperature: float = 0.07,
-        interaction: str = "late",
-    ) -> None:
+    def __init__(self, embed_dim: int, image: "ImageTower", text: "TextTower", init_temperature: float = 0.07) -> None:
         super().__init__()
         from open_clip.transformer import TextTransformer, VisionTransformer
 
-        self.interaction = interaction
         self.visual = VisionTransformer(
-            image_size=image["image_size"],
-            patch_size=image["patch_size"],
-            width=image["width"],
-            layers=image["layers"],
-            heads=image["heads"],
-            mlp_ratio=image["mlp_ratio"],
+            image_size=image.image_size,
+            patch_size=image.patch_size,
+            width=image.width,
+            layers=image.layers,
+            heads=image.heads,
+            mlp_ratio=image.mlp_ratio,
             output_dim=embed_dim,
             output_tokens=True,
         )
         # FILIP projects every token with one linear map, so drop open_clip's pooled-only projection.
         self.visual.proj = None
         self.text = TextTransformer(
-            context_length=text["context_length"],
-            vocab_size=text["vocab_size"],
-            width=text["width"],
-            heads=text["heads"],
-            layers=text["layers"],
+            context_length=text.context_length,
+            vocab_size=text.vocab_size,
+            width=text.width,
+            heads=text.heads,
+            layers=text.layers,
             output_dim=None,
             output_tokens=True,
         )
-        self.image_proj = nn.Linear(image["width"], embed_dim, bias=False)
-        self.text_proj = nn.Linear(text["width"], embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=image["width"] ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=text["width"] ** -0.5)
+        self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=image.width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text.width ** -0.5)
         # Learnable log inverse temperature, as in CLIP: logits = exp(logit_scale) * sim.
         # Shape [1], not a scalar: DeepSpeed cannot broadcast 0-d parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
@@ -70,20 +82,20 @@ class FILIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
-    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_image(self, images: Tensor) -> Encoded:
         """[B, 3, H, W] -> tokens [B, 1+P, d], mask [B, 1+P], pooled [B, d]; unit-norm."""
         pooled, patches = self.visual(images)  # [B, w], [B, P, w]
         tokens = torch.cat([pooled[:, None, :], patches], dim=1)  # [B, 1+P, w]
         tokens = F.normalize(self.image_proj(tokens), dim=-1)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return tokens, mask, tokens[:, 0]
+        return Encoded(tokens, mask, tokens[:, 0])
 
-    def encode_text(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_text(self, ids: Tensor) -> Encoded:
         """[B, L] token ids -> tokens [B, L, d], mask [B, L] (False on padding), pooled [EOS] [B, d]."""
         pooled, tokens = self.text(ids)  # [B, w], [B, L, w]
         tokens = F.normalize(self.text_proj(tokens), dim=-1)
         embed = F.normalize(self.text_proj(pooled), dim=-1)
-        return tokens, text_mask(ids), embed
+        return Encoded(tokens, text_mask(ids), embed)
 
     def forward(self, images: Tensor, ids: Tensor) -> tuple[Features, Tensor]:
         """-> (features, logit scale = 1 / temperature).
@@ -100,12 +112,6 @@ class FILIP(nn.Module):
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
 
-def build_model(model_cfg: dict) -> FILIP:
-    """A FILIP from the recipe's `model` section (as a plain dict)."""
-    return FILIP(
-        embed_dim=model_cfg["embed_dim"],
-        image=model_cfg["image"],
-        text=model_cfg["text"],
-        init_temperature=model_cfg["init_temperature"],
-        interaction=model_cfg["interaction"],
-    )
+def build_model(cfg: "ModelConfig") -> FILIP:
+    """A FILIP from the recipe's typed `model` section (the loss settings go to models.loss.FilipLoss)."""
+    return FILIP(embed_dim=cfg.embed_dim, image=cfg.image, text=cfg.text, init_temperature=cfg.init_temperature)

@@ -9,6 +9,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from models.filip import Encoded
+
+INTERACTIONS = ("late", "global")
+
+
+def similarity(images: Encoded, texts: Encoded, interaction: str, memory_mb: float = 256.0,
+               directions: str = "both") -> tuple[Tensor, Tensor]:
+    """(s^I, s^T), each [B_i, B_t]: how every image scores every text under `interaction`.
+
+    The one place where late and global differ: "late" is FILIP's token-wise similarity
+    (memory-bounded, see `late_interaction_chunked`), "global" CLIP's pooled dot product, the
+    same number for both directions. `directions` ("both", "i2t", "t2i") lets late interaction
+    skip the direction nobody reads.
+    """
+    if interaction == "late":
+        return late_interaction_chunked(images.tokens, texts.tokens, images.mask, texts.mask, memory_mb, directions)
+    if interaction == "global":
+        return global_similarity(images.pooled, texts.pooled)
+    raise ValueError(f"unknown interaction {interaction!r}; known: {', '.join(INTERACTIONS)}")
+
 
 def late_interaction(
     image_tokens: Tensor,  # [B_i, n1, d]

@@ -1,20 +1,31 @@
-"""FILIP's bidirectional contrastive loss over a (possibly gathered) global batch.
+"""FILIP's bidirectional contrastive loss over the global batch, as one object: reduce -> gather -> score.
+
+    loss_fn = FilipLoss(interaction="late", token_keep=0.25, gather_dtype="fp16")
+    features, scale = model(images, ids)
+    loss = loss_fn(features, scale)
 
 Each worker scores its LOCAL rows against ALL gathered columns: its images against every
 text (image->text) and its texts against every image (text->image). With equal local
 batches the mean of the workers' losses equals the full-batch loss, and the autograd
 all-gather carries the other workers' gradients back to the features that produced them.
+Without a process group the same object scores the batch against itself.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.filip import Features
-from models.interaction import late_interaction_chunked
+from models.gather import gather_features, world
+from models.interaction import INTERACTIONS, similarity
 from models.token_selection import select_tokens, token_scores
+
+if TYPE_CHECKING:
+    from filipctl.schema import ModelConfig
 
 
 def reduce_for_gather(local: Features, keep: float, memory_mb: float = 256.0) -> Features:
@@ -39,21 +50,15 @@ def pair_logits(local: Features, gathered: Features, interaction: str,
     Rows are the worker's own samples with all their tokens; columns are the gathered
     (possibly reduced) samples of every worker.
     """
-    if interaction == "late":
-        i2t, _ = late_interaction_chunked(local.image_tokens, gathered.text_tokens.to(local.image_tokens.dtype),
-                                          local.image_mask, gathered.text_mask, memory_mb, directions="i2t")
-        _, t2i = late_interaction_chunked(gathered.image_tokens.to(local.text_tokens.dtype), local.text_tokens,
-                                          gathered.image_mask, local.text_mask, memory_mb, directions="t2i")
-        return i2t, t2i.t()  # t2i was [B, b] (images x local texts)
-    if interaction == "global":
-        return local.image_embed @ gathered.text_embed.t(), local.text_embed @ gathered.image_embed.t()
-    raise ValueError(f"unknown interaction {interaction!r}")
+    i2t, _ = similarity(local.image, gathered.text, interaction, memory_mb, directions="i2t")
+    _, t2i = similarity(gathered.image, local.text, interaction, memory_mb, directions="t2i")
+    return i2t, t2i.t()  # t2i was [B, b] (all images x local texts)
 
 
 def filip_loss(
     local: Features,
     gathered: Features,
-    logit_scale: Tensor,  # scalar, = 1 / temperature
+    logit_scale: Tensor,  # [1], = 1 / temperature
     offset: int,  # index of this worker's first sample in the gathered batch
     interaction: str = "late",
     memory_mb: float = 256.0,
@@ -66,3 +71,37 @@ def filip_loss(
     loss_i2t = F.cross_entropy(logit_scale.float() * i2t.float(), targets)
     loss_t2i = F.cross_entropy(logit_scale.float() * t2i.float(), targets)
     return 0.5 * (loss_i2t + loss_t2i)
+
+
+class FilipLoss(nn.Module):
+    """The loss of one worker: its local features against the whole (gathered) global batch.
+
+    Configured once; the training loop only calls `loss(features, logit_scale)`.
+    """
+
+    def __init__(self, interaction: str = "late", token_keep: float = 1.0, gather_dtype: str = "fp32",
+                 memory_mb: float = 256.0) -> None:
+        super().__init__()
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"unknown interaction {interaction!r}; known: {', '.join(INTERACTIONS)}")
+        self.interaction = interaction
+        # Token selection is FILIP's trick for token features; pooled vectors are sent whole.
+        self.token_keep = token_keep if interaction == "late" else 1.0
+        self.gather_dtype = gather_dtype
+        self.memory_mb = memory_mb
+
+    @classmethod
+    def from_config(cls, cfg: "ModelConfig") -> "FilipLoss":
+        return cls(cfg.interaction, cfg.token_keep, cfg.gather_dtype, cfg.similarity_memory_mb)
+
+    def describe(self) -> str:
+        if self.interaction == "global":
+            return "global interaction"
+        return f"late interaction, gather {self.gather_dtype} keeping {self.token_keep:.0%} of tokens"
+
+    def forward(self, local: Features, logit_scale: Tensor) -> Tensor:
+        sent = reduce_for_gather(local, self.token_keep, self.memory_mb)
+        gathered = gather_features(sent, self.interaction, self.gather_dtype)
+        rank, _ = world()
+        offset = rank * local.image_tokens.shape[0]
+        return filip_loss(local, gathered, logit_scale, offset, self.interaction, self.memory_mb)

@@ -1,4 +1,7 @@
-"""open_clip's CLIP BPE tokenizer (vocabulary 49,408, [BOS]=49406 ... [EOS]=49407, 0 = padding)."""
+"""open_clip's CLIP BPE tokenizer (vocabulary 49,408, [BOS]=49406 ... [EOS]=49407, 0 = padding).
+
+The recipe's model.text.vocab_size is checked against `vocab_size()` (schema and tests).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ def get_tokenizer(context_length: int):
     return open_clip.get_tokenizer("ViT-B-32", context_length=context_length)
 
 
+def vocab_size() -> int:
+    return get_tokenizer(8).vocab_size
+
+
 def tokenize(texts: list[str], context_length: int) -> Tensor:
     """Lower-cased BPE ids [len(texts), context_length] (long); captions longer than the context are cut."""
     return get_tokenizer(context_length)(texts)
@@ -26,7 +33,3 @@ def text_mask(ids: Tensor) -> Tensor:
     """True where a token is real ([BOS], words, [EOS]); False on padding. [B, L] -> [B, L] bool."""
     return ids != PAD_ID
 
-
-def _check() -> None:  # pragma: no cover - used interactively
-    ids = tokenize(["a red square"], 16)
-    assert ids.dtype == torch.long

@@ -1,9 +1,9 @@
 """Two gloo processes with the autograd all-gather give the single-process full-batch loss and gradients.
 
-Each rank holds half of the batch, gathers features with jobs.distributed.gather_features, scores its
-own rows against all gathered columns (models.loss.filip_loss with its offset), backpropagates, and
+Each rank holds half of the batch and calls the loss object (models.loss.FilipLoss), which gathers the
+features across ranks and scores its own rows against all gathered columns; it backpropagates and
 averages loss and parameter gradients over ranks the way data-parallel training does. The result must
-equal one process running the whole batch through the same model.
+equal one process running the whole batch through the same object, which then has no group to gather from.
 """
 
 from __future__ import annotations
@@ -34,30 +34,22 @@ CAPTIONS = [
 CONTEXT = 16
 
 
-def _model_cfg() -> dict:
-    return dict(
-        embed_dim=16,
-        image=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2),
-        text=dict(context_length=CONTEXT, vocab_size=49408, width=32, layers=1, heads=2),
-    )
-
-
 def _build_model():
+    from filipctl.schema import ImageTower, TextTower
     from models.filip import FILIP
 
     torch.manual_seed(MODEL_SEED)
-    return FILIP(**_model_cfg())
+    return FILIP(embed_dim=16, image=ImageTower(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2),
+                 text=TextTower(context_length=CONTEXT, width=32, layers=1, heads=2))
 
 
-def _loss_and_grads(model, images, ids, interaction: str, rank: int, distributed: bool):
-    """Forward this process's slice, gather if distributed, loss, backward -> (loss, {name: grad or None})."""
-    from jobs.distributed import gather_features
-    from models.loss import filip_loss
+def _loss_and_grads(model, images, ids, interaction: str):
+    """Forward this process's slice, loss (gathering when a group exists), backward -> (loss, {name: grad or None})."""
+    from models.loss import FilipLoss
 
     model.zero_grad(set_to_none=True)
     local, scale = model(images, ids)
-    gathered = gather_features(local, interaction) if distributed else local
-    loss = filip_loss(local, gathered, scale, offset=rank * images.shape[0], interaction=interaction)
+    loss = FilipLoss(interaction)(local, scale)
     loss.backward()
     grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
     return loss.detach(), grads
@@ -79,7 +71,7 @@ def _worker(rank: int, store: str, images: torch.Tensor, ids: torch.Tensor, out_
         model = _build_model()
         results = {}
         for interaction in INTERACTIONS:
-            loss, grads = _loss_and_grads(model, images[mine], ids[mine], interaction, rank, distributed=True)
+            loss, grads = _loss_and_grads(model, images[mine], ids[mine], interaction)
             own = loss.clone()
             # Data-parallel averaging: all_reduce(sum) / world size.
             dist.all_reduce(loss)
@@ -147,7 +139,7 @@ def runs(tmp_path_factory):
     model = _build_model()
     ref = {}
     for interaction in INTERACTIONS:
-        loss, grads = _loss_and_grads(model, images, ids, interaction, rank=0, distributed=False)
+        loss, grads = _loss_and_grads(model, images, ids, interaction)
         ref[interaction] = {"loss": loss, "grads": grads}
     return ranks, ref, ids
 
