@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from filipctl.contract import JOB_ENV, RunDir, free_port, worker_args  # noqa: E402
 from filipctl.recipes import load_recipe, recipe_to_dict  # noqa: E402
 
 SETTINGS = [
@@ -27,12 +27,6 @@ SETTINGS = [
     ("late, fp32, 100% tokens", ["model.interaction=late", "model.gather_dtype=fp32", "model.token_keep=1.0"]),
     ("late, fp16, 25% tokens", ["model.interaction=late", "model.gather_dtype=fp16", "model.token_keep=0.25"]),
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -51,19 +45,16 @@ def main() -> None:
     rows = []
     for name, sets in SETTINGS:
         recipe = load_recipe(args.recipe, [*common, *sets])
-        s = recipe.data.synthetic
-        generate(recipe.data.url, s.train_samples, s.eval_samples, s.samples_per_shard, s.image_size,
-                 s.max_objects, s.seed)
-        work = tmp / name.replace(" ", "_").replace(",", "").replace("%", "")
-        work.mkdir(parents=True)
-        (work / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe)))
+        generate(recipe.data.url, recipe.data.synthetic)
+        run_dir = RunDir(tmp / name.replace(" ", "_").replace(",", "").replace("%", ""))
+        run_dir.root.mkdir(parents=True)
+        run_dir.recipe.write_text(json.dumps(recipe_to_dict(recipe)))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
-               "--master_addr=127.0.0.1", f"--master_port={_port()}", "-m", "jobs.pretrain",
-               "--recipe", str(work / "recipe.json"), "--workdir", str(work)]
-        env = {k: v for k, v in os.environ.items() if k not in ("FILIPCTL_MLFLOW_RUN_ID", "FILIPCTL_EVENTS")}
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.pretrain", *worker_args(run_dir)]
+        env = {k: v for k, v in os.environ.items() if k not in JOB_ENV}  # nothing to report to
         subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = json.loads((work / "pretrain.json").read_text())
+        result = json.loads(run_dir.pretrain_summary.read_text())
         rows.append((name, result["compute_step_s"]))
         print(f"{name}: {result['compute_step_s']:.3f} s/step", file=sys.stderr, flush=True)
     base = rows[0][1]

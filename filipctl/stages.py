@@ -9,7 +9,11 @@ from filipctl.schema import Recipe
 
 @dataclass(frozen=True)
 class Stage:
-    """One job: `python -m MODULE --recipe R.json --workdir DIR` on `processes` worker processes."""
+    """One job: the job module `MODULE` (its `main(argv)`; contract.worker_argv) on `processes` worker processes.
+
+    A distributed module also offers `run(recipe, run_dir, store=...)`, which a driver that
+    starts the workers itself (Ray Train) calls with its own checkpoint store.
+    """
 
     name: str
     module: str
@@ -28,3 +32,10 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.eval.enabled:
         stages.append(Stage("eval", "jobs.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
     return stages
+
+
+def find_stage(recipe: Recipe, name: str) -> Stage:
+    for stage in plan(recipe):
+        if stage.name == name:
+            return stage
+    raise KeyError(f"recipe {recipe.name} has no stage {name!r}")

@@ -2,7 +2,7 @@
 
 `DirectoryCheckpoints`: a folder every rank can reach (local disk, a cluster's shared file
 system); DeepSpeed's `latest` file names the newest tag. Used by the local and Slurm backends.
-The Ray backend supplies its own store (jobs/ray_train.py) that reports checkpoints to Ray Train.
+The Ray backend supplies its own store (filipctl/backends/ray_driver.py) that reports checkpoints to Ray Train.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Progress events from jobs to whoever launched them.
 
 A job calls `emit(...)`: the message goes to stdout (so job logs read well on their own) and,
-when the launcher set FILIPCTL_EVENTS to a file, one JSON line is appended there; the CLI
-tails that file to draw progress bars whatever backend runs the job.
+when the launcher named an events file (contract.ENV_EVENTS), one JSON line is appended there;
+the CLI tails that file to draw progress bars whatever backend runs the job.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import os
 import time
 from typing import Any
 
+from filipctl.contract import ENV_EVENTS
+
 
 def emit(message: str, **fields: Any) -> None:
     print(message, flush=True)
-    path = os.environ.get("FILIPCTL_EVENTS")
+    path = os.environ.get(ENV_EVENTS)
     if not path:
         return
     record = {"t": time.time(), "message": message, **fields}

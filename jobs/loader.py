@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
 import torch
 from torch import Tensor
 
+from jobs.dataset import shard_urls
 from models.tokenizer import tokenize
 
+if TYPE_CHECKING:
+    from filipctl.schema import Recipe
 
-def _open_shards(urls: Iterator[str], storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+
+def _open_shards(urls: Iterator[str]) -> Iterator[dict[str, Any]]:
     # webdataset has no fsspec/s3 opener of its own: open each shard through fsspec.
     for url in urls:
-        with fsspec.open(url, "rb", **storage_options) as stream:
+        with fsspec.open(url, "rb") as stream:
             yield {"url": url, "stream": stream}
 
 
@@ -30,24 +34,8 @@ def image_transform(image_size: int, augment: bool):
     return T.Compose(steps)
 
 
-def _shard_urls(root: str, split: str, names: list[str]) -> list[str]:
-    return [f"{root.rstrip('/')}/{split}/{n}" for n in names]
-
-
-def train_batches(
-    root: str,
-    shard_names: list[str],
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    image_size: int,
-    context_length: int,
-    augment: bool,
-    seed: int,
-    shuffle_buffer: int,
-    start_epoch: int = 0,
-    storage_options: dict[str, Any] | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
+def train_batches(recipe: "Recipe", manifest: dict[str, Any], rank: int, world_size: int,
+                  start_epoch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless (images [b,3,H,W], token ids [b,L]) batches for one rank.
 
     Each epoch reshuffles the shard order with (seed, epoch); rank r reads every world_size-th
@@ -55,14 +43,16 @@ def train_batches(
     """
     import webdataset as wds
 
-    urls = _shard_urls(root, "train", shard_names)
-    transform = image_transform(image_size, augment)
-    opts = storage_options or {}
+    data, seed = recipe.data, recipe.train.seed
+    batch_size, context_length = recipe.train.micro_batch_size, recipe.model.text.context_length
+    shuffle_buffer = data.shuffle_buffer
+    urls = shard_urls(data.url, "train", manifest["shards"]["train"])
+    transform = image_transform(recipe.model.image.image_size, data.augment)
     epoch = start_epoch
     while True:
         order = list(urls)
         random.Random(f"{seed}/{epoch}").shuffle(order)
-        samples = wds.tarfile_to_samples()(_open_shards(iter(order), opts))
+        samples = wds.tarfile_to_samples()(_open_shards(iter(order)))
         mine = (s for i, s in enumerate(samples) if i % world_size == rank)
         shuffled = wds.shuffle(shuffle_buffer, seed=seed * 1000 + epoch * 10 + rank)(mine) if shuffle_buffer else mine
         images: list[Tensor] = []
@@ -76,19 +66,14 @@ def train_batches(
         epoch += 1
 
 
-def eval_set(
-    root: str,
-    shard_names: list[str],
-    image_size: int,
-    storage_options: dict[str, Any] | None = None,
-) -> tuple[Tensor, list[str], list[int]]:
+def eval_set(root: str, shard_names: list[str], image_size: int) -> tuple[Tensor, list[str], list[int]]:
     """The whole held-out split in order: images [N,3,H,W], captions, class labels."""
     import webdataset as wds
 
     transform = image_transform(image_size, augment=False)
-    urls = _shard_urls(root, "eval", shard_names)
+    urls = shard_urls(root, "eval", shard_names)
     images, captions, labels = [], [], []
-    for sample in wds.decode("pil")(wds.tarfile_to_samples()(_open_shards(iter(urls), storage_options or {}))):
+    for sample in wds.decode("pil")(wds.tarfile_to_samples()(_open_shards(iter(urls)))):
         images.append(transform(sample["png"].convert("RGB")))
         captions.append(sample["txt"])
         labels.append(int(sample["json"]["label"]))

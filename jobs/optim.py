@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from filipctl.schema import OptimConfig
 
 # Parameters named like these never get weight decay (besides every 0-/1-d tensor: biases, norms).
 NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale")
@@ -31,15 +35,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim_cfg: dict, global_batch: int) -> torch.optim.Optimizer:
-    lr = peak_lr(optim_cfg["base_lr"], global_batch)
-    groups = param_groups(model, optim_cfg["weight_decay"])
-    betas = tuple(optim_cfg["betas"])
-    if optim_cfg["name"] == "lamb":
+def build_optimizer(model: nn.Module, cfg: "OptimConfig", global_batch: int) -> torch.optim.Optimizer:
+    lr = peak_lr(cfg.base_lr, global_batch)
+    groups = param_groups(model, cfg.weight_decay)
+    betas = tuple(cfg.betas)
+    if cfg.name == "lamb":
         from timm.optim import Lamb
 
-        return Lamb(groups, lr=lr, betas=betas, eps=optim_cfg["eps"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim_cfg["eps"])
+        return Lamb(groups, lr=lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "OptimConfig", total_steps: int):
+    return warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float):

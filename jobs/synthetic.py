@@ -15,10 +15,15 @@ from __future__ import annotations
 import io
 import json
 import random
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 from PIL import Image, ImageDraw
+
+from jobs.dataset import MANIFEST, read_manifest
+
+if TYPE_CHECKING:
+    from filipctl.schema import SyntheticData
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -36,7 +41,6 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-MANIFEST = "dataset.json"
 FORMAT_VERSION = 1
 
 
@@ -82,36 +86,12 @@ def make_sample(seed: int, split: str, index: int, image_size: int, max_objects:
     return buf.getvalue(), caption, meta
 
 
-def _generator_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, **cfg}
-
-
-def read_manifest(url: str) -> dict[str, Any] | None:
-    fs, root = fsspec.core.url_to_fs(url)
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def generate(
-    url: str,
-    train_samples: int,
-    eval_samples: int,
-    samples_per_shard: int,
-    image_size: int,
-    max_objects: int,
-    seed: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+def generate(url: str, cfg: "SyntheticData", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Write the dataset at `url` unless a manifest with the same parameters is already there."""
     import webdataset as wds
 
-    params = _generator_params(
-        dict(train_samples=train_samples, eval_samples=eval_samples, samples_per_shard=samples_per_shard,
-             image_size=image_size, max_objects=max_objects, seed=seed)
-    )
+    # Every generator setting is in the manifest: a new setting regenerates, whatever its name.
+    params = {"format_version": FORMAT_VERSION, **cfg.model_dump(mode="json")}
     existing = read_manifest(url)
     if existing is not None and existing.get("params") == params:
         return existing
@@ -120,19 +100,19 @@ def generate(
     root = root.rstrip("/")
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")  # parameters changed: the old manifest no longer describes the shards
-    total = train_samples + eval_samples
+    total = cfg.train_samples + cfg.eval_samples
     done = 0
     shards: dict[str, list[str]] = {}
-    for split, count in (("train", train_samples), ("eval", eval_samples)):
+    for split, count in (("train", cfg.train_samples), ("eval", cfg.eval_samples)):
         fs.makedirs(f"{root}/{split}", exist_ok=True)
         names = []
-        for shard_idx, start in enumerate(range(0, count, samples_per_shard)):
+        for shard_idx, start in enumerate(range(0, count, cfg.samples_per_shard)):
             name = f"shard-{shard_idx:06d}.tar"
             with fs.open(f"{root}/{split}/{name}", "wb") as raw:
                 # mtime fixed so that the same seed gives byte-identical tar files.
                 with wds.TarWriter(raw, mtime=0.0) as sink:
-                    for i in range(start, min(start + samples_per_shard, count)):
-                        png, caption, meta = make_sample(seed, split, i, image_size, max_objects)
+                    for i in range(start, min(start + cfg.samples_per_shard, count)):
+                        png, caption, meta = make_sample(cfg.seed, split, i, cfg.image_size, cfg.max_objects)
                         sink.write({"__key__": f"{split}-{i:08d}", "png": png, "txt": caption, "json": meta})
                         done += 1
                         if progress:
@@ -141,7 +121,7 @@ def generate(
         shards[split] = names
 
     manifest = {"params": params, "classes": CLASSES, "shards": shards,
-                "counts": {"train": train_samples, "eval": eval_samples}}
+                "counts": {"train": cfg.train_samples, "eval": cfg.eval_samples}}
     # The manifest is written last: its presence means every shard is complete.
     with fs.open(f"{root}/{MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=1)

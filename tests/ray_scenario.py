@@ -17,21 +17,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from filipctl.contract import free_port  # noqa: E402
+
 SECRET = "filip-test-secret-9f3c1e7a"  # must never show up in anything filipctl writes
 BUCKET = "filip-ckpt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Marks the processes of this scenario (Ray workers inherit it from their raylet): another Ray on
@@ -67,7 +63,7 @@ def start_head(env: dict) -> dict:
     head = {"gcs": f"127.0.0.1:{gcs}", "client": f"ray://127.0.0.1:{client}"}
     t0 = time.time()
     while time.time() - t0 < 120:  # the client server is ready some time after `ray start` returns
-        probe = subprocess.run([sys.executable, "-m", "jobs.ray_train", "--probe", head["client"], "--timeout", "10"],
+        probe = subprocess.run([sys.executable, "-m", "filipctl.backends.ray_driver", "--probe", head["client"], "--timeout", "10"],
                                env=env, capture_output=True, text=True, cwd=ROOT)
         if probe.returncode == 0:
             break

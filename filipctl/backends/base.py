@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from filipctl.contract import RunDir, worker_argv
 from filipctl.stages import Stage
 
 
@@ -28,18 +29,17 @@ class JobRequest:
     """Everything a backend needs to start one stage."""
 
     stage: Stage
-    recipe_file: Path  # the resolved recipe, JSON
-    workdir: Path  # the run folder shared by all stages (checkpoints, model.pt, logs/)
-    env: dict[str, str] = field(default_factory=dict)  # MLflow run id, tracking URI, events file
+    run_dir: RunDir  # the run folder shared by all stages (recipe.json, checkpoints, model.pt, logs/)
+    env: dict[str, str] = field(default_factory=dict)  # contract.job_env: MLflow run, tracking URI, events file
     after: tuple[str, ...] = ()  # job ids this job waits for (backends with native dependencies)
 
     @property
     def log_file(self) -> Path:
-        return self.workdir / "logs" / f"{self.stage.name}.log"
+        return self.run_dir.log(self.stage.name)
 
     def command(self, python: str) -> list[str]:
-        """The argv that runs this stage's job module for one process (or as a torchrun group)."""
-        return [python, "-m", self.stage.module, "--recipe", str(self.recipe_file), "--workdir", str(self.workdir)]
+        """The argv that runs this stage's job module for one process."""
+        return worker_argv(python, self.stage.module, self.run_dir)
 
 
 class Backend(Protocol):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from filipctl.backends.base import JobRequest, JobState
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from filipctl.contract import free_port
 
 
 def _state_of(exit_code: int, cancelled: bool = False) -> JobState:
@@ -56,7 +50,7 @@ class LocalBackend:
         return " ".join(self._argv(request, 29500))
 
     def submit(self, request: JobRequest) -> str:
-        argv = self._argv(request, _free_port())
+        argv = self._argv(request, free_port())
         request.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         log = open(request.log_file, "ab")
@@ -64,7 +58,7 @@ class LocalBackend:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=os.getcwd())
         log.close()
-        record = request.log_file.with_suffix(".job.json")
+        record = request.run_dir.job_record(request.stage.name)
         record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv}))
         job_id = str(record)
         self._procs[job_id] = proc

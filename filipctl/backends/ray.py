@@ -1,4 +1,4 @@
-"""Ray backend: each stage runs under a small driver process (jobs/ray_train.py) that joins a Ray cluster.
+"""Ray backend: each stage runs under a small driver process (ray_driver.py beside this file) that joins a Ray cluster.
 
 Pretraining becomes a Ray Train TorchTrainer (one worker per device, DeepSpeed inside each
 worker); data and eval run as Ray tasks on a remote cluster, and as plain processes when the
@@ -20,8 +20,11 @@ from urllib.parse import urlparse
 
 from filipctl.backends.base import JobRequest
 from filipctl.backends.local import LocalBackend
+from filipctl.contract import worker_args
 from filipctl.errors import FilipctlError
 from filipctl.schema import RayProfile
+
+DRIVER = "filipctl.backends.ray_driver"  # the driver process of a stage (imports ray; the CLI never does)
 
 
 def probe_address(address: str, timeout_s: float) -> str | None:
@@ -67,8 +70,7 @@ class RayBackend(LocalBackend):
         if self.profile.address == "local" and not request.stage.distributed:
             # A private Ray would run on this same machine: skip its start-up for one-process stages.
             return super()._argv(request, port)
-        return [sys.executable, "-m", "jobs.ray_train", "--module", request.stage.module,
-                "--recipe", str(request.recipe_file), "--workdir", str(request.workdir)]
+        return [sys.executable, "-m", DRIVER, "--stage", request.stage.name, *worker_args(request.run_dir)]
 
     def validate(self, request: JobRequest) -> None:
         p = self.profile
@@ -87,14 +89,14 @@ class RayBackend(LocalBackend):
             return {"CPU": float(p.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
         if self._resources is None:
             # Join from a child process, bounded in time: the CLI itself never imports ray.
-            argv = [sys.executable, "-m", "jobs.ray_train", "--probe", p.address, "--timeout", str(p.connect_timeout_s)]
+            argv = [sys.executable, "-m", DRIVER, "--probe", p.address, "--timeout", str(p.connect_timeout_s)]
             try:
                 res = subprocess.run(argv, capture_output=True, text=True, timeout=p.connect_timeout_s + 60)
             except subprocess.TimeoutExpired:
                 raise FilipctlError(f"Ray address {p.address}: no answer from the cluster within "
                                     f"{p.connect_timeout_s + 60:g} s; check it with `ray status`") from None
             if res.returncode != 0:
-                why = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                why = (res.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
                 raise FilipctlError(why if why.startswith("Ray address") else f"Ray address {p.address}: {why}")
             self._resources = json.loads(res.stdout.strip().splitlines()[-1])
         return self._resources

@@ -1,11 +1,13 @@
 """The Ray driver for one stage: join the Ray cluster, then run the stage there.
 
-    python -m jobs.ray_train --module jobs.pretrain --recipe R.json --workdir DIR
+    python -m filipctl.backends.ray_driver --stage pretrain --workdir DIR
+    python -m filipctl.backends.ray_driver --probe ADDRESS        (print the cluster's resources)
 
-Pretraining runs as a Ray Train TorchTrainer: each worker calls the same `jobs.pretrain.train`
-as the other backends, with a checkpoint store that reports every DeepSpeed checkpoint (each
-worker's ZeRO shards) to Ray Train and restores from `ray.train.get_checkpoint()` after a
-worker failure (FailureConfig). Data and eval run as one Ray task each.
+A distributed stage (pretraining) runs as a Ray Train TorchTrainer: each worker calls the same
+job `run()` as the other backends, with a checkpoint store that reports every DeepSpeed
+checkpoint (each worker's ZeRO shards) to Ray Train and restores from `ray.train.get_checkpoint()`
+after a worker failure (FailureConfig). Other stages run as one Ray task each. This module is
+started as its own process by the Ray backend; the CLI itself never imports ray.
 """
 
 from __future__ import annotations
@@ -20,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from filipctl.backends.ray import missing_resources, probe_address
-from filipctl.schema import RayProfile
-from filipctl.tracking import TAG_RAY_RUN
-
-# What the workers need from the driver's environment: where to log. Credentials are not
-# forwarded: on a private Ray the workers inherit the driver's environment, and a remote
-# cluster brings its own.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "FILIPCTL_MLFLOW_RUN_ID", "FILIPCTL_EVENTS")
+from filipctl.contract import TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, forwarded_env, read_recipe
+from filipctl.schema import RayProfile, Recipe
+from filipctl.stages import Stage, find_stage
 
 
 class RayCheckpoints:
@@ -53,20 +51,17 @@ class RayCheckpoints:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the stage's job `run()` with Ray's checkpoint store."""
     os.environ.update(config["env"])
-    from jobs.pretrain import train
+    run_dir = RunDir(Path(config["workdir"]))
+    importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=RayCheckpoints())
 
-    train(config["recipe"], Path(config["workdir"]), store=RayCheckpoints())
 
-
-def _run_module(module: str, argv: list[str], env: dict[str, str]) -> int:
+def _run_task(module: str, argv: list[str], env: dict[str, str]) -> None:
+    """One Ray task: the stage's job `main()`; its error message travels back to the driver."""
     os.environ.update(env)
-    try:
-        return importlib.import_module(module).main(argv) or 0
-    except SystemExit as exc:
-        if exc.code in (0, None):
-            return 0
-        raise RuntimeError(str(exc.code)) from None
+    if importlib.import_module(module).main(argv):
+        raise JobError(f"{module} failed (its message is in the log above)")
 
 
 def connect(profile: RayProfile) -> None:
@@ -74,7 +69,7 @@ def connect(profile: RayProfile) -> None:
 
     problem = probe_address(profile.address, profile.connect_timeout_s)
     if problem:
-        raise SystemExit(f"Ray address {profile.address}: {problem}")
+        raise JobError(f"Ray address {profile.address}: {problem}")
     kwargs: dict[str, Any] = {"runtime_env": profile.runtime_env or None, "logging_level": "WARNING",
                               "log_to_driver": True}
     if profile.address == "local":
@@ -85,7 +80,7 @@ def connect(profile: RayProfile) -> None:
         except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
             # Something answered at the address but it is not a Ray this driver can join.
             why = " ".join(str(exc).split())[:400]
-            raise SystemExit(f"Ray address {profile.address}: could not join the cluster: {why}") from None
+            raise JobError(f"Ray address {profile.address}: could not join the cluster: {why}") from None
 
 
 def storage(profile: RayProfile) -> str:
@@ -93,21 +88,22 @@ def storage(profile: RayProfile) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def fit(recipe: dict[str, Any], workdir: Path, profile: RayProfile, env: dict[str, str]) -> None:
+def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
+    """A distributed stage as a Ray Train run named after the run folder, so a rerun finds its checkpoints."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     problem = missing_resources(profile, ray.cluster_resources())
     if problem:  # Ray would wait for the resources forever: say so now
-        raise SystemExit(problem)
-    name = workdir.name  # = <recipe>-<fingerprint>: a rerun of the same recipe finds its checkpoints
+        raise JobError(problem)
+    name = run_dir.root.name  # = <recipe>-<fingerprint>
     from jobs.metrics import StageLogger
 
-    StageLogger(True).tags({TAG_RAY_RUN: name, "filipctl.ray_storage": profile.storage_path})
+    StageLogger(True).tags({TAG_RAY_RUN: name, TAG_RAY_STORAGE: profile.storage_path})
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"recipe": recipe, "workdir": str(workdir), "env": env},
+        train_loop_config={"module": stage.module, "workdir": str(run_dir.root), "env": forwarded_env()},
         scaling_config=ScalingConfig(num_workers=profile.workers, use_gpu=profile.use_gpu,
                                      resources_per_worker=dict(profile.resources_per_worker)),
         torch_config=TorchConfig(backend="nccl" if profile.use_gpu else "gloo"),
@@ -116,11 +112,28 @@ def fit(recipe: dict[str, Any], workdir: Path, profile: RayProfile, env: dict[st
     )
     result = trainer.fit()
     if result.error:
-        raise SystemExit(f"Ray Train run {name} failed: {result.error}")
+        raise JobError(f"Ray Train run {name} failed: {result.error}")
     print(f"ray train run {name}: checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
 
 
-def probe(address: str, timeout_s: float) -> int:
+def run_stage(recipe: Recipe, stage: Stage, run_dir: RunDir) -> None:
+    import ray
+
+    profile = recipe.cluster.ray
+    connect(profile)  # ray.init's SIGTERM handler (`filipctl cancel`) exits through the finally below
+    try:
+        if stage.distributed:
+            fit(stage, run_dir, profile)
+        else:
+            from filipctl.contract import worker_args
+
+            task = ray.remote(num_cpus=1)(_run_task)
+            ray.get(task.remote(stage.module, worker_args(run_dir), forwarded_env()))
+    finally:
+        ray.shutdown()
+
+
+def probe(address: str, timeout_s: float) -> None:
     """Join the cluster at `address` and print its total resources as JSON (the CLI's pre-flight check)."""
     import ray
 
@@ -129,36 +142,27 @@ def probe(address: str, timeout_s: float) -> int:
         print(json.dumps(ray.cluster_resources()), flush=True)
     finally:
         ray.shutdown()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probe", metavar="ADDRESS", help="only print the resources of the cluster at ADDRESS")
     parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("--module")
-    parser.add_argument("--recipe")
-    parser.add_argument("--workdir")
+    parser.add_argument("--stage", help="the stage of the recipe to run (data, pretrain, eval)")
+    parser.add_argument("--workdir", help="the run folder the CLI prepared (recipe.json inside)")
     args = parser.parse_args(argv)
-    if args.probe:
-        return probe(args.probe, args.timeout)
-    if not (args.module and args.recipe and args.workdir):
-        parser.error("--module, --recipe and --workdir are required")
-    recipe = json.loads(Path(args.recipe).read_text())
-    profile = RayProfile.model_validate(recipe["cluster"]["ray"])
-    workdir = Path(args.workdir)
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    import ray
-
-    connect(profile)  # ray.init's SIGTERM handler (`filipctl cancel`) exits through the finally below
     try:
-        if args.module == "jobs.pretrain":
-            fit(recipe, workdir, profile, env)
-        else:
-            task = ray.remote(num_cpus=1)(_run_module)
-            ray.get(task.remote(args.module, ["--recipe", args.recipe, "--workdir", args.workdir], env))
-    finally:
-        ray.shutdown()
+        if args.probe:
+            probe(args.probe, args.timeout)
+            return 0
+        if not (args.stage and args.workdir):
+            parser.error("--stage and --workdir are required")
+        run_dir = RunDir(Path(args.workdir))
+        recipe = read_recipe(run_dir)
+        run_stage(recipe, find_stage(recipe, args.stage), run_dir)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

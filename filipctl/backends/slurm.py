@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from filipctl.backends.base import JobRequest, JobState
+from filipctl.contract import worker_args
 from filipctl.errors import FilipctlError
 from filipctl.schema import SlurmProfile
 
@@ -56,7 +57,7 @@ class SlurmBackend:
             executor_cls = type("PlanningExecutor", (submitit.SlurmExecutor,), {"affinity": classmethod(lambda cls: 1)})
         p = self.profile
         stage = request.stage
-        folder = request.workdir / "slurm"
+        folder = request.run_dir.slurm
         ex = executor_cls(folder=folder, max_num_timeout=p.max_requeues)
         extra: dict[str, object] = {"requeue": True, **p.sbatch}
         if request.after:
@@ -85,10 +86,9 @@ class SlurmBackend:
 
     @staticmethod
     def _job(request: JobRequest):
-        from jobs.launch import StageJob
+        from filipctl.backends.slurm_task import StageJob
 
-        argv = request.command("python")[3:]  # --recipe ... --workdir ...
-        return StageJob(request.stage.module, argv, dict(request.env), request.stage.distributed)
+        return StageJob(request.stage.module, worker_args(request.run_dir), dict(request.env), request.stage.distributed)
 
     def describe(self, request: JobRequest) -> str:
         """The sbatch script submitit would submit for this stage (for --dry-run)."""

@@ -1,10 +1,11 @@
-"""Run one stage's job module inside a scheduler's process (a Slurm task via submitit).
+"""What a Slurm task runs: one stage's job module inside the process submitit starts on the node.
 
-The scheduler pickles a `StageJob`; on the node it sets the environment the CLI chose (MLflow
+The Slurm backend pickles a `StageJob`; on the node it sets the environment the CLI chose (MLflow
 run, events file), joins the torch.distributed group described by Slurm's variables when the
-stage is distributed, and calls the same `main()` that the local backend runs. On preemption
-or timeout submitit calls `checkpoint()`, which requeues the same job: pretraining then
-resumes from its latest DeepSpeed checkpoint by itself.
+stage is distributed, and calls the same job module `main()` that the local backend runs. On
+preemption or timeout submitit calls `checkpoint()`, which requeues the same job: pretraining
+then resumes from its latest DeepSpeed checkpoint by itself. The job's end is recorded in
+MLflow by the control side (the CLI that waits, or `filipctl status` reading sacct).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import importlib
 import os
 
 import submitit
+
+from filipctl.contract import port_from_job_id
+
+
+class StageFailed(RuntimeError):
+    """Makes Slurm record the job as FAILED; the job's own message is already in its log."""
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -25,27 +32,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         os.environ.update(self.env)
         if self.distributed:
-            # submitit would draw the port from 20000-60000, inside Linux's ephemeral range (32768-60999),
-            # where an outgoing connection can hold it (EADDRINUSE seen in CI). Same rule on every task
-            # and every requeue of the job: a port below that range, from the job id.
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 12000))
+            os.environ.setdefault("MASTER_PORT", str(port_from_job_id(os.environ["SLURM_JOB_ID"])))
             # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node) from SLURM_* variables.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        main = importlib.import_module(self.module).main
-        try:
-            code = main(self.argv)
-        except SystemExit as exc:  # job modules exit with a message on user errors
-            code = exc.code
-        except Exception:
-            self._finish("FAILED")
-            raise
-        # The CLI may have detached: the job itself records how it ended.
-        self._finish("FINISHED" if code in (0, None) else "FAILED")
-        if code not in (0, None):
-            raise RuntimeError(f"{self.module} failed: {code}")
-
-    def _finish(self, status: str) -> None:
-        if os.environ.get("RANK", "0") == "0":
-            from jobs.metrics import StageLogger
-
-            StageLogger(True).finish(status)
+        code = importlib.import_module(self.module).main(self.argv)
+        if code:
+            raise StageFailed(f"{self.module} exited with status {code}")

@@ -1,0 +1,152 @@
+"""The contract between the CLI (control side) and the jobs it starts (worker side), in one place.
+
+Everything that crosses that seam is spelled here and nowhere else: the run folder's layout,
+the environment variables a job reads, the worker command line, the MLflow tag names, and how
+a job reports an error a user can fix. Both sides import this module (jobs/ and models/ may
+import nothing else from filipctl but the schema), so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from filipctl.schema import Recipe
+
+# -- environment variables a job reads ---------------------------------------------------------------
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"  # where the stage's MLflow run lives
+ENV_RUN_ID = "FILIPCTL_MLFLOW_RUN_ID"  # the stage's MLflow run (metrics, artifacts, tags)
+ENV_EVENTS = "FILIPCTL_EVENTS"  # JSON-lines file the CLI tails for progress bars
+# What a driver (Ray) forwards to the workers it starts; credentials are never forwarded.
+JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS)
+
+# -- MLflow tags -------------------------------------------------------------------------------------
+TAG_KIND = "filipctl.kind"  # "pipeline" or "stage"
+TAG_RECIPE = "filipctl.recipe"
+TAG_RECIPE_PATH = "filipctl.recipe_path"
+TAG_BACKEND = "filipctl.backend"
+TAG_CLUSTER = "filipctl.cluster"
+TAG_STAGE = "filipctl.stage"
+TAG_JOB = "filipctl.job_id"
+TAG_KEY_METRIC = "filipctl.key_metric"
+TAG_WORKDIR = "filipctl.workdir"
+TAG_FINGERPRINT = "filipctl.fingerprint"
+TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the storage path)
+TAG_RAY_STORAGE = "filipctl.ray_storage"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+# -- the run folder ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunDir:
+    """One folder per resolved recipe, shared by every stage of that recipe (and every rerun)."""
+
+    root: Path
+
+    @property
+    def recipe(self) -> Path:  # the resolved recipe, JSON, written by the CLI before any job starts
+        return self.root / "recipe.json"
+
+    @property
+    def checkpoints(self) -> Path:  # DeepSpeed checkpoints (local and Slurm backends)
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:  # final fp32 weights (state_dict), written by pretraining
+        return self.root / "model.pt"
+
+    @property
+    def pretrain_summary(self) -> Path:
+        return self.root / "pretrain.json"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def slurm(self) -> Path:  # submitit's folder: sbatch scripts, pickles, per-task logs
+        return self.root / "slurm"
+
+    def log(self, stage: str) -> Path:
+        return self.logs / f"{stage}.log"
+
+    def events(self, stage: str) -> Path:
+        return self.logs / f"{stage}.events.jsonl"
+
+    def job_record(self, stage: str) -> Path:  # local/Ray backends: pid, log, exit code
+        return self.logs / f"{stage}.job.json"
+
+
+# -- the worker command line -------------------------------------------------------------------------
+def worker_argv(python: str, module: str, run_dir: RunDir) -> list[str]:
+    """`python -m MODULE --workdir DIR`: how every backend starts a job module (once per process)."""
+    return [python, "-m", module, *worker_args(run_dir)]
+
+
+def worker_args(run_dir: RunDir) -> list[str]:
+    return ["--workdir", str(run_dir.root)]
+
+
+def parse_worker_args(argv: list[str] | None, doc: str | None = None) -> RunDir:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the run folder the CLI prepared (recipe.json inside)")
+    return RunDir(Path(parser.parse_args(argv).workdir))
+
+
+def read_recipe(run_dir: RunDir) -> "Recipe":
+    """The typed recipe the CLI resolved and validated, read back on the worker."""
+    from filipctl.schema import Recipe
+
+    return Recipe.model_validate_json(run_dir.recipe.read_text())
+
+
+class JobError(Exception):
+    """A job cannot go on for a reason the user can fix: its message is the whole story, no traceback."""
+
+
+def job_main(run: Callable[["Recipe", RunDir], object], argv: list[str] | None, doc: str | None) -> int:
+    """The entry point of a job module: parse the command line, read the recipe, run; JobError -> exit 1."""
+    run_dir = parse_worker_args(argv, doc)
+    try:
+        run(read_recipe(run_dir), run_dir)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+# -- ports for a process group's rendezvous ----------------------------------------------------------
+def free_port() -> int:
+    """A port nothing listens on right now, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_from_job_id(job_id: str) -> int:
+    """The same master port on every task and every requeue of a scheduler's job.
+
+    Below Linux's ephemeral range (32768-60999), where an outgoing connection could hold a
+    port drawn at random (EADDRINUSE seen in CI).
+    """
+    return 20000 + int(job_id) % 12000
+
+
+def job_env(tracking_uri: str, run_id: str, events: Path) -> dict[str, str]:
+    """What the CLI tells a job about where to report."""
+    return {ENV_TRACKING_URI: tracking_uri, ENV_RUN_ID: run_id, ENV_EVENTS: str(events)}
+
+
+def forwarded_env() -> dict[str, str]:
+    """The job variables of this process, for a driver to hand its workers."""
+    return {k: os.environ[k] for k in JOB_ENV if k in os.environ}
