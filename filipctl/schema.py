@@ -11,6 +11,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# The vocabulary of CLIP's BPE tokenizer (models/tokenizer.py; a test compares it with open_clip's).
+CLIP_VOCAB_SIZE = 49408
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,13 +42,20 @@ class TextTower(Section):
     """Causal text Transformer (open_clip TextTransformer) over CLIP BPE tokens."""
 
     context_length: int = Field(77, gt=2, description="Tokens per caption including [BOS] and [EOS].")
-    vocab_size: int = Field(49408, gt=0, description="BPE vocabulary size (CLIP's tokenizer has 49,408).")
+    vocab_size: int = Field(
+        CLIP_VOCAB_SIZE, gt=0,
+        description="Rows of the token embedding: the vocabulary of the tokenizer, CLIP's BPE with 49,408 ids "
+        "(the only tokenizer filipctl ships, so the only value accepted).",
+    )
     width: int = Field(512, gt=0, description="Transformer width.")
     layers: int = Field(12, gt=0, description="Number of transformer blocks.")
     heads: int = Field(8, gt=0, description="Attention heads; must divide width.")
 
     @model_validator(mode="after")
     def _shapes(self) -> "TextTower":
+        if self.vocab_size != CLIP_VOCAB_SIZE:
+            raise ValueError(f"vocab_size {self.vocab_size} does not match the tokenizer (CLIP BPE, "
+                             f"{CLIP_VOCAB_SIZE} ids); leave it out or set {CLIP_VOCAB_SIZE}")
         if self.width % self.heads:
             raise ValueError(f"heads {self.heads} does not divide width {self.width}")
         return self
@@ -103,7 +114,6 @@ class DataConfig(Section):
     )
     augment: bool = Field(True, description="torchvision AutoAugment on training images.")
     shuffle_buffer: int = Field(1000, ge=0, description="WebDataset shuffle buffer (samples).")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
 
 
 class OptimConfig(Section):
@@ -160,6 +170,11 @@ class TrackingConfig(Section):
 
     uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory.")
     experiment: str = Field("filip", description="MLflow experiment name.")
+    timeout_s: float = Field(
+        5.0, gt=0,
+        description="How long an http(s) tracking server may take to answer before `filipctl run` gives up "
+        "(checked before anything is submitted).",
+    )
 
 
 class SlurmProfile(Section):
@@ -237,7 +252,8 @@ class Recipe(Section):
     """A FILIP pretraining recipe: model, data, optimisation, training, eval, tracking, cluster."""
 
     name: str = Field(..., min_length=1, description="Recipe name (MLflow run name prefix).")
-    description: str = Field("", description="Free text shown by `filipctl recipe show`.")
+    description: str = Field("", description="Free text: `filipctl recipe validate` prints it and it becomes the "
+                             "MLflow run's description.")
     output_dir: str = Field("runs", description="Where checkpoints and job outputs go (one folder per resolved recipe).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
