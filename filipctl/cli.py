@@ -6,7 +6,6 @@ import json
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -42,9 +41,12 @@ RunRef = Annotated[Optional[str], typer.Argument(
 UriOpt = Annotated[Optional[str], typer.Option(
     "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 ExpOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment.")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--tracking-timeout", min=0.1, help="Seconds an http(s) tracking server may take to answer before giving up.")]
 
 
-def _tracking_uri(uri: str | None) -> str:
+def _tracking_uri(uri: str | None, timeout_s: float) -> str:
+    """The store a read command uses: it must exist (sqlite) or answer in time (a server)."""
     from pathlib import Path
 
     from filipctl import tracking
@@ -52,6 +54,7 @@ def _tracking_uri(uri: str | None) -> str:
     resolved = tracking.resolve_uri(uri)
     if resolved.startswith("sqlite:///") and not Path(resolved.removeprefix("sqlite:///")).exists():
         raise FilipctlError(f"no MLflow store at {resolved}: run `filipctl run RECIPE` here first, or pass --tracking-uri")
+    tracking.check_reachable(resolved, timeout_s)
     return resolved
 
 
@@ -130,20 +133,25 @@ def run(
 
 @app.command()
 def status(
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent runs.")] = 10,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many recent runs.")] = 10,
     tracking_uri: UriOpt = None,
     experiment: ExpOpt = "filip",
+    tracking_timeout: TimeoutOpt = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Recent runs and their stages (state, job, key metric, duration), read from MLflow.
 
     Stages MLflow still shows as queued or running are checked with their scheduler (sacct on
-    Slurm) and MLflow is corrected when the job has ended.
+    Slurm) and MLflow is corrected when the job has started or ended.
     """
     from filipctl import status as st
+    from filipctl.tracking import Tracker, open_store
 
-    uri = _tracking_uri(tracking_uri)
-    rows = st.collect(uri, experiment, limit)
+    uri = _tracking_uri(tracking_uri, tracking_timeout)
+    rows = st.collect(open_store(uri), experiment, limit)
+    fixes = st.corrections(rows)
+    if fixes:
+        st.record(fixes, Tracker(uri))
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -157,15 +165,18 @@ def status(
 def logs(
     run_ref: RunRef = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage (data, pretrain, eval).")] = None,
-    tail: Annotated[int, typer.Option("--tail", "-n", help="Last N lines per stage; 0 = all.")] = 40,
+    tail: Annotated[int, typer.Option("--tail", "-n", min=0, help="Last N lines per stage; 0 = all.")] = 40,
     tracking_uri: UriOpt = None,
     experiment: ExpOpt = "filip",
+    tracking_timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Print the job logs of a run's stages, wherever they ran (local processes or Slurm jobs)."""
     from filipctl.backends import get_backend
     from filipctl.runs import find_pipeline, stage_jobs
+    from filipctl.tracking import open_store
 
-    client, parent = find_pipeline(_tracking_uri(tracking_uri), experiment, run_ref)
+    client = open_store(_tracking_uri(tracking_uri, tracking_timeout))
+    parent = find_pipeline(client, experiment, run_ref)
     jobs = [j for j in stage_jobs(client, parent) if stage in (None, j.stage)]
     if not jobs:
         raise FilipctlError(f"run {parent.info.run_name} has no stage {stage!r}")
@@ -181,28 +192,33 @@ def cancel(
     run_ref: RunRef = None,
     tracking_uri: UriOpt = None,
     experiment: ExpOpt = "filip",
+    tracking_timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Cancel a run: every stage not yet finished is cancelled on its backend and marked KILLED in MLflow."""
-    from filipctl.backends import get_backend
+    from filipctl.backends import JobState, get_backend
     from filipctl.runs import find_pipeline, stage_jobs
+    from filipctl.status import TO_MLFLOW, job_label, scheduler_state
+    from filipctl.tracking import ACTIVE, TERMINAL, Tracker, open_store
 
-    from filipctl.status import job_label, reconcile
-
-    client, parent = find_pipeline(_tracking_uri(tracking_uri), experiment, run_ref)
+    uri = _tracking_uri(tracking_uri, tracking_timeout)
+    client = open_store(uri)
+    parent = find_pipeline(client, experiment, run_ref)
+    tracker = Tracker(uri)
     cancelled = []
     for j in stage_jobs(client, parent):
-        if j.state in ("FINISHED", "FAILED", "KILLED"):
+        if j.state in TERMINAL:
             continue
-        # A stage whose job already ended is recorded as it ended, not as cancelled.
-        if reconcile(client, client.get_run(j.run_id), j.backend, j.job_id) in ("COMPLETED", "FAILED", "CANCELLED"):
+        ended = scheduler_state(j.backend, j.job_id)
+        if isinstance(ended, JobState) and ended.done:  # recorded as it ended, not as cancelled
+            tracker.end(j.run_id, TO_MLFLOW[ended])
             continue
         if j.job_id:
             get_backend(j.backend).cancel(j.job_id)
-        client.set_terminated(j.run_id, status="KILLED")
+        tracker.end(j.run_id, "KILLED")
         label = job_label(j.backend, j.job_id)
         cancelled.append(j.stage + (f" (job {label})" if label else ""))
-    if parent.info.status in ("RUNNING", "SCHEDULED"):
-        client.set_terminated(parent.info.run_id, status="KILLED")
+    if parent.info.status in ACTIVE:
+        tracker.end(parent.info.run_id, "KILLED")
     if cancelled:
         out.print(f"cancelled {parent.info.run_name}: {', '.join(cancelled)}", highlight=False)
     else:
@@ -214,7 +230,9 @@ def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe (with its extends: chain and --set overrides) against the schema."""
     r = _load(recipe, set_)
     out.print(f"[green]ok[/] {recipe}: recipe {r.name!r}, {r.train.steps} steps, global batch "
-              f"{r.train.global_batch}, {r.model.interaction} interaction")
+              f"{r.train.global_batch}, {r.model.interaction} interaction", highlight=False)
+    if r.description:
+        out.print(r.description, highlight=False, markup=False)
 
 
 @recipe_app.command("show")
@@ -248,19 +266,58 @@ def recipe_keys(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage/parameter errors, aborts) of every click flavour that may be installed.
+
+    typer may run on click itself or on its own vendored copy (typer._click), whose exceptions
+    are other classes: catching only click's would let a usage error out as a traceback.
+    """
+    import importlib
+
+    errors: set[type] = set()
+    aborts: set[type] = set()
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors.update(c for c in (getattr(mod, "ClickException", None),) if isinstance(c, type))
+        aborts.update(c for c in (getattr(mod, "Abort", None),) if isinstance(c, type))
+    return tuple(errors), tuple(aborts)
+
+
+def _context_for(argv: list[str]):
+    """A click context for the command `argv` names, so that any usage error can show its usage line.
+
+    Some errors (an option missing its value, a value of the wrong type) are raised before
+    click has made the command's context, and would print their message alone.
+    """
+    cmd = typer.main.get_command(app)
+    ctx = cmd.context_class(cmd, info_name="filipctl")
+    for token in argv:
+        sub = cmd.get_command(ctx, token) if hasattr(cmd, "get_command") and not token.startswith("-") else None
+        if sub is None:
+            break
+        cmd, ctx = sub, sub.context_class(sub, info_name=token, parent=ctx)
+    return ctx
+
+
 def main() -> None:
     from rich.markup import escape
 
+    usage_errors, aborts = _click_exceptions()
     try:
         code = app(standalone_mode=False)
     except FilipctlError as e:
         # The message may quote a job's log: "[/path...]" there is text, not rich markup.
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.ClickException as e:
+    except usage_errors as e:  # the usage line and one message, as click prints them; exit status 2
+        if hasattr(e, "ctx") and e.ctx is None:
+            e.ctx = _context_for(sys.argv[1:])
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*aborts, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

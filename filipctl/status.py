@@ -1,12 +1,24 @@
-"""`filipctl status`: recent pipelines and their stages, read from MLflow."""
+"""`filipctl status`: recent pipelines and their stages, read from MLflow.
+
+`collect` only reads: MLflow's view, plus the scheduler's word for stages MLflow still shows as
+queued or running. `corrections` says which runs MLflow has wrong (a detached Slurm job that
+ended, a job that started); the CLI records them through the one writer, `tracking.Tracker`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from filipctl import tracking
 from filipctl.backends import JobState, get_backend
+from filipctl.contract import TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_RAY_RUN, TAG_RECIPE, TAG_STAGE
+from filipctl.runs import pipelines, stage_runs
+from filipctl.tracking import ACTIVE
+
+# What MLflow should say once the scheduler says this.
+TO_MLFLOW = {JobState.COMPLETED: "FINISHED", JobState.FAILED: "FAILED", JobState.CANCELLED: "KILLED",
+             JobState.RUNNING: "RUNNING"}
 
 
 def _duration(start: int | None, end: int | None) -> float | None:
@@ -16,25 +28,14 @@ def _duration(start: int | None, end: int | None) -> float | None:
     return (end - start) / 1000
 
 
-ACTIVE = ("RUNNING", "SCHEDULED")
-TO_MLFLOW = {JobState.COMPLETED: "FINISHED", JobState.FAILED: "FAILED", JobState.CANCELLED: "KILLED"}
-
-
-def reconcile(client, run, backend_name: str, job_id: str) -> str:
-    """Ask the scheduler about a stage MLflow still thinks is queued or running; fix MLflow if the job ended.
-
-    Returns the scheduler's word for the job ("" when there is no scheduler to ask).
-    """
+def scheduler_state(backend_name: str, job_id: str) -> JobState | str:
+    """The scheduler's word for a job ("" when there is no scheduler to ask, as for local jobs)."""
     if not job_id or backend_name == "local":
         return ""
     try:
-        state = get_backend(backend_name).status(job_id)
+        return get_backend(backend_name).status(job_id)
     except Exception as exc:  # the scheduler may be unreachable from here: show MLflow's view
         return f"unknown ({type(exc).__name__})"
-    if state in TO_MLFLOW and run.info.status in ACTIVE:
-        client.set_terminated(run.info.run_id, status=TO_MLFLOW[state])
-        run.info._status = TO_MLFLOW[state]
-    return state.value
 
 
 def job_label(backend_name: str, job_id: str) -> str:
@@ -42,56 +43,77 @@ def job_label(backend_name: str, job_id: str) -> str:
     return "" if backend_name in ("local", "ray") else job_id.split("@")[0]
 
 
-def collect(uri: str, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
-    """Newest first: one dict per pipeline with its stages, scheduler states reconciled into MLflow."""
-    from mlflow.tracking import MlflowClient
+def _stage_row(c, backend: str, ask_scheduler: bool, parent_active: bool) -> dict[str, Any]:
+    key = c.data.tags.get(TAG_KEY_METRIC, "")
+    job_id = c.data.tags.get(TAG_JOB, "")
+    scheduler = ""
+    if ask_scheduler and (c.info.status in ACTIVE or parent_active):
+        scheduler = scheduler_state(backend, job_id)
+    return {
+        "stage": c.data.tags.get(TAG_STAGE, c.info.run_name),
+        "run_id": c.info.run_id,
+        "state": c.info.status,
+        "scheduler": scheduler.value if isinstance(scheduler, JobState) else scheduler,
+        "job_id": job_id,
+        "ray_run": c.data.tags.get(TAG_RAY_RUN, ""),
+        "key_metric": key,
+        "value": c.data.metrics.get(key),
+        "duration_s": _duration(c.info.start_time, c.info.end_time),
+    }
 
-    client = MlflowClient(uri)
+
+def collect(client, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
+    """Newest first: one dict per pipeline with its stages and, for active ones, the scheduler's state."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    parents = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
-                                 max_results=limit, order_by=["attributes.start_time DESC"])
     rows = []
-    for p in parents:
-        children = client.search_runs([exp.experiment_id], f"tags.`{tracking.PARENT}` = '{p.info.run_id}'",
-                                      order_by=["attributes.start_time ASC"])
-        stages = []
-        backend = p.data.tags.get(tracking.TAG_BACKEND, "")
-        for c in children:
-            key = c.data.tags.get(tracking.TAG_KEY_METRIC, "")
-            job_id = c.data.tags.get(tracking.TAG_JOB, "")
-            scheduler = ""
-            if ask_scheduler and (c.info.status in ACTIVE or p.info.status in ACTIVE):
-                scheduler = reconcile(client, c, backend, job_id)
-            stages.append({
-                "stage": c.data.tags.get(tracking.TAG_STAGE, c.info.run_name),
-                "run_id": c.info.run_id,
-                "state": c.info.status,
-                "scheduler": scheduler,
-                "job_id": job_id,
-                "ray_run": c.data.tags.get(tracking.TAG_RAY_RUN, ""),
-                "key_metric": key,
-                "value": c.data.metrics.get(key),
-                "duration_s": _duration(c.info.start_time, c.info.end_time),
-            })
-        if p.info.status in ACTIVE and stages and all(s["state"] not in ACTIVE for s in stages):
-            final = "FINISHED" if all(s["state"] == "FINISHED" for s in stages) else (
-                "KILLED" if any(s["state"] == "KILLED" for s in stages) and not any(s["state"] == "FAILED" for s in stages)
-                else "FAILED")
-            client.set_terminated(p.info.run_id, status=final)
-            p.info._status = final
+    for p in pipelines(client, exp.experiment_id, limit):
+        backend = p.data.tags.get(TAG_BACKEND, "")
+        stages = [_stage_row(c, backend, ask_scheduler, p.info.status in ACTIVE) for c in stage_runs(client, p)]
         rows.append({
             "name": p.info.run_name,
             "run_id": p.info.run_id,
-            "recipe": p.data.tags.get(tracking.TAG_RECIPE, ""),
-            "backend": p.data.tags.get(tracking.TAG_BACKEND, ""),
+            "recipe": p.data.tags.get(TAG_RECIPE, ""),
+            "backend": backend,
             "state": p.info.status,
             "started": datetime.fromtimestamp(p.info.start_time / 1000).isoformat(timespec="seconds"),
             "duration_s": _duration(p.info.start_time, p.info.end_time),
             "stages": stages,
         })
     return rows
+
+
+def _pipeline_state(stages: list[dict[str, Any]]) -> str | None:
+    """A pipeline's end state once none of its stages is active (None while one is)."""
+    states = [s["state"] for s in stages]
+    if not states or any(s in ACTIVE for s in states):
+        return None
+    if all(s == "FINISHED" for s in states):
+        return "FINISHED"
+    return "KILLED" if "KILLED" in states and "FAILED" not in states else "FAILED"
+
+
+def corrections(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """(row, the state MLflow should record) for every run whose recorded state the scheduler contradicts.
+
+    Applying them in order (stages before their pipeline) brings the rows and MLflow in line.
+    """
+    fixes: list[tuple[dict[str, Any], str]] = []
+    for r in rows:
+        after: list[dict[str, Any]] = []
+        for s in r["stages"]:
+            state = s["state"]
+            want = TO_MLFLOW.get(JobState(s["scheduler"])) if s["scheduler"] in JobState.__members__ else None
+            if state in ACTIVE and want and want != state:
+                fixes.append((s, want))
+                state = want
+            after.append({**s, "state": state})
+        if r["state"] in ACTIVE:
+            final = _pipeline_state(after)
+            if final:
+                fixes.append((r, final))
+    return fixes
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -121,3 +143,13 @@ def render(rows: list[dict[str, Any]]):
             job = s["ray_run"] or job_label(r["backend"], s["job_id"])
             table.add_row(f"  └ {s['stage']}", "", "", state, job, value, fmt_duration(s["duration_s"]))
     return table
+
+
+def record(fixes: list[tuple[dict[str, Any], str]], tracker) -> None:
+    """Write `corrections` to MLflow through the control side's writer, and into the rows."""
+    for row, state in fixes:
+        if state == "RUNNING":
+            tracker.running(row["run_id"])
+        else:
+            tracker.end(row["run_id"], state)
+        row["state"] = state

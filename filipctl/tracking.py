@@ -1,6 +1,9 @@
-"""MLflow bookkeeping for a `filipctl run`: one parent run per pipeline, one child run per stage.
+"""MLflow on the control side: the one writer of run state, and the check that a store answers.
 
-mlflow is imported inside the functions so that importing filipctl stays fast.
+One parent run per `filipctl run`, one child run per stage. `Tracker` is the only code that
+writes a run's state (scheduled, running, finished, failed, killed); jobs on workers log
+metrics, artifacts and tags only (jobs/metrics.py). Commands that only read (status, logs) read
+through `open_store`. mlflow is imported inside the functions so that importing filipctl stays fast.
 """
 
 from __future__ import annotations
@@ -10,15 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TAG_KIND = "filipctl.kind"  # "pipeline" or "stage"
-TAG_RECIPE = "filipctl.recipe"
-TAG_BACKEND = "filipctl.backend"
-TAG_STAGE = "filipctl.stage"
-TAG_JOB = "filipctl.job_id"
-TAG_KEY_METRIC = "filipctl.key_metric"
-TAG_WORKDIR = "filipctl.workdir"
-TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the storage path)
-PARENT = "mlflow.parentRunId"
+from filipctl.contract import TAG_BACKEND, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE
+from filipctl.errors import FilipctlError
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+ACTIVE = ("RUNNING", "SCHEDULED")
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -30,6 +29,32 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail in about `timeout_s` with one line when a tracking server does not answer.
+
+    MLflow's own client retries with back-off for minutes. Any HTTP answer (even 404 or 401)
+    means a server is there; only silence or a refused connection fails here. A sqlite
+    store must have a folder to live in.
+    """
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(uri.rstrip("/") + "/health", method="GET"), timeout=timeout_s)
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", exc)
+            raise FilipctlError(f"MLflow tracking server {uri} does not answer within {timeout_s:g} s ({why}); "
+                                "check that it is running and reachable, or set tracking.uri / --tracking-uri "
+                                "to another store") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise FilipctlError(f"tracking store {uri}: folder {folder} does not exist")
 
 
 # Keys whose values never reach MLflow: anything under env_vars, and keys named like credentials
@@ -62,33 +87,44 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def open_store(uri: str):
+    """An MlflowClient for reading, MLflow's initial-table chatter silenced."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # "Creating initial MLflow database tables..." on every new store: noise in the run's output.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    return MlflowClient(uri)
+
+
 class Tracker:
-    def __init__(self, uri: str, experiment: str) -> None:
-        import logging
+    """The control side's MLflow writer: creates runs, tags them and records every change of state."""
 
+    def __init__(self, uri: str, experiment: str | None = None) -> None:
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        # "Creating initial MLflow database tables..." on every new store: noise in the run's output.
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                # Artifacts beside the database, not in whatever folder a later command runs from.
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.client = open_store(uri)
+        self.experiment_id = self._experiment(experiment) if experiment else None
 
-    def start_pipeline(self, name: str, recipe: dict[str, Any], recipe_path: str, backend: str,
-                       tags: dict[str, str], recipe_yaml: str, versions: dict[str, str]) -> str:
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            # Artifacts beside the database, not in whatever folder a later command runs from.
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_pipeline(self, name: str, recipe: dict[str, Any], backend: str, tags: dict[str, str],
+                       recipe_yaml: str, versions: dict[str, str], description: str = "") -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             TAG_KIND: "pipeline", TAG_RECIPE: recipe["name"], TAG_BACKEND: backend,
-            "filipctl.recipe_path": recipe_path, "mlflow.source.name": "filipctl run", **tags,
+            "mlflow.source.name": "filipctl run", **({"mlflow.note.content": description} if description else {}),
+            **tags,
         })
         run_id = run.info.run_id
         from mlflow.entities import Param
@@ -105,26 +141,27 @@ class Tracker:
 
     def start_stage(self, parent_id: str, stage: str, recipe_name: str, backend: str, key_metric: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=stage, tags={
-            PARENT: parent_id, TAG_KIND: "stage", TAG_STAGE: stage, TAG_RECIPE: recipe_name,
+            TAG_PARENT: parent_id, TAG_KIND: "stage", TAG_STAGE: stage, TAG_RECIPE: recipe_name,
             TAG_BACKEND: backend, TAG_KEY_METRIC: key_metric,
         })
-        # Queued until its job starts; the job marks it RUNNING (jobs.metrics.StageLogger).
+        # Queued until its job is seen running.
         self.client.update_run(run.info.run_id, status="SCHEDULED")
         return run.info.run_id
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
-    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        if path.exists():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         if text:
             self.client.log_text(run_id, text, artifact_file)
 
+    def running(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
     def end(self, run_id: str, status: str) -> None:
         """status: FINISHED, FAILED or KILLED."""
+        if status not in TERMINAL:
+            raise ValueError(f"not a terminal run state: {status}")
         self.client.set_terminated(run_id, status=status)
 
     def metrics(self, run_id: str) -> dict[str, float]:
