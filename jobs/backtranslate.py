@@ -40,7 +40,10 @@ class Translator:
                           "source.spm, target.spm and vocab.json as save_pretrained writes them") from exc
         self.path = path
         self.device = device
-        self.max_new_tokens = max_new_tokens
+        # Positions past the model's table raise IndexError inside generate: cap input and output.
+        positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+        self.max_input_tokens = min(positions, int(self.tokenizer.model_max_length or positions))
+        self.max_new_tokens = max(1, min(max_new_tokens, positions - 1))
 
     def __call__(self, texts: list[str]) -> list[str]:
         """Translate a batch, greedily (deterministic)."""
@@ -48,7 +51,7 @@ class Translator:
 
         if not texts:
             return []
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_input_tokens)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with torch.inference_mode():
             out = self.model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=self.max_new_tokens)

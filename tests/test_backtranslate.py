@@ -131,3 +131,11 @@ def test_missing_model_dir_is_a_clear_error(tmp_path: Path, pivots: dict[str, tu
     with pytest.raises(ValueError, match="pivots is empty"):
         backtranslate_shards(spec, str(tmp_path / "out"), {})
     assert backtranslate.ALT_CAPTIONS == "alt_captions"
+
+
+def test_lengths_capped_to_the_model(pivots: dict[str, tuple[str, str]]) -> None:
+    """A long caption and a generous max_new_tokens stay within the model's position table (64 here)."""
+    t = backtranslate.Translator(pivots["de"][0], max_new_tokens=500)
+    assert t.max_new_tokens == 63 and t.max_input_tokens == 64
+    out = t([" ".join(SENTENCES * 3), "a dog"])
+    assert len(out) == 2 and all(isinstance(x, str) for x in out)
