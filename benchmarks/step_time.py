@@ -38,17 +38,18 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="filip-steptime-"))
     common = [f"train.steps={args.steps}", f"train.workers={args.workers}", f"train.checkpoint_every={10**6}",
-              f"data.url={tmp / 'data'}", "data.synthetic.train_samples=2000", "data.synthetic.eval_samples=10",
+              f"data.train={tmp / 'data' / 'train'}", f"data.eval={tmp / 'data' / 'eval'}",
+              "data.synthetic.train_samples=2000", "data.synthetic.eval_samples=10",
               *args.sets]
-    from jobs.synthetic import generate
+    from jobs.data import run as prepare_data
 
     rows = []
     for name, sets in SETTINGS:
         recipe = load_recipe(args.recipe, [*common, *sets])
-        generate(recipe.data.url, recipe.data.synthetic)
         run_dir = RunDir(tmp / name.replace(" ", "_").replace(",", "").replace("%", ""))
         run_dir.root.mkdir(parents=True)
         run_dir.recipe.write_text(json.dumps(recipe_to_dict(recipe)))
+        prepare_data(recipe, run_dir)  # the data stage: generate once, index into the run folder
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.pretrain", *worker_args(run_dir)]
         env = {k: v for k, v in os.environ.items() if k not in JOB_ENV}  # nothing to report to

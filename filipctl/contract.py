@@ -54,6 +54,10 @@ class RunDir:
         return self.root / "recipe.json"
 
     @property
+    def data_index(self) -> Path:  # the data stage's index of the shards every later stage reads
+        return self.root / "data.json"
+
+    @property
     def checkpoints(self) -> Path:  # DeepSpeed checkpoints (local and Slurm backends)
         return self.root / "checkpoints"
 

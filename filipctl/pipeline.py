@@ -81,6 +81,11 @@ def _tail(text: str, n: int = 25) -> str:
     return "\n".join("    " + ln for ln in lines[-n:])
 
 
+def _absolute(url: str) -> str:
+    """A local path (or pattern) made absolute; URLs with a scheme stay as they are."""
+    return url if "://" in url or Path(url).is_absolute() else str(Path(url).resolve())
+
+
 def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
     """Make the recipe mean the same wherever its jobs run.
 
@@ -88,9 +93,13 @@ def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
     on a cluster the profile decides the world size, and the recipe follows so that the
     global batch and the LR scaling are honest.
     """
-    if "://" not in recipe.data.url and not Path(recipe.data.url).is_absolute():
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
-            update={"url": str(Path(recipe.data.url).resolve())})})
+    data = recipe.data
+    update: dict[str, Any] = {"train": [s.model_copy(update={"url": _absolute(s.url)}) for s in data.train]}
+    if data.eval is not None:
+        update["eval"] = _absolute(data.eval)
+    if data.filter is not None:
+        update["filter"] = data.filter.model_copy(update={"output": _absolute(data.filter.output)})
+    recipe = recipe.model_copy(update={"data": data.model_copy(update=update)})
     if recipe.cluster.backend == "local":
         return recipe
     profile = getattr(recipe.cluster, recipe.cluster.backend)

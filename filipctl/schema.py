@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 # The vocabulary of CLIP's BPE tokenizer (models/tokenizer.py; a test compares it with open_clip's).
@@ -91,29 +91,96 @@ class ModelConfig(Section):
 
 
 class SyntheticData(Section):
-    """Generated coloured-shapes image-caption set (fine-grained: colour, shape, position)."""
+    """Generated coloured-shapes image-caption set (fine-grained: colour, shape, position), written in
+    img2dataset's layout into the folders `data.train` and `data.eval` name."""
 
     train_samples: int = Field(4000, gt=0, description="Pairs in the training split.")
     eval_samples: int = Field(500, gt=0, description="Pairs in the held-out split.")
-    samples_per_shard: int = Field(500, gt=0, description="Pairs per WebDataset tar shard.")
+    samples_per_shard: int = Field(500, gt=0, description="Pairs per tar shard.")
     image_size: int = Field(64, gt=0, description="Generated image side in pixels (the loader resizes to model.image.image_size).")
     max_objects: int = Field(2, ge=1, le=3, description="Shapes per image (1..max_objects).")
     seed: int = Field(0, description="Generator seed: the same seed gives byte-identical shards.")
 
 
+class Source(Section):
+    """One set of training shards and its share of the mix."""
+
+    url: str = Field(
+        ..., min_length=1,
+        description="Image-caption shards as img2dataset writes them (KEY.jpg/png/webp, KEY.txt, KEY.json): a brace "
+        "pattern (s3://bucket/cc3m/{00000..00331}.tar), a glob (/data/cc12m/*.tar) or a folder of .tar files; "
+        "any fsspec URL. Sample counts come from img2dataset's *_stats.json beside them, else one scan.",
+    )
+    weight: float = Field(1.0, gt=0, description="Share of the training samples drawn from this source (normalised).")
+
+
+class FilterConfig(Section):
+    """The FILIP paper's pre-training filters, applied by the data stage (also `filipctl data filter`)."""
+
+    output: str = Field(..., min_length=1, description="Folder (any fsspec URL) for the filtered shards, one "
+                        "sub-folder per training source; training reads these. filter_report.json goes beside.")
+    min_side: int = Field(200, ge=0, description="Drop images whose shorter side is below this (pixels, original size).")
+    max_aspect: float = Field(3.0, ge=1, description="Drop images whose aspect ratio (long / short side) exceeds this.")
+    language: str | None = Field("en", description="Keep captions in this language (ISO 639-1; offline identifier "
+                                 "py3langid); null = keep every language.")
+    language_min_confidence: float = Field(
+        0.5, ge=0, le=1, description="Drop a caption as another language only when the identifier is at least this "
+        "sure (short English captions are often guessed as something else with low confidence).",
+    )
+    max_repeats: int = Field(10, ge=1, description="Drop every pair whose caption occurs more than this many times.")
+    meaningless: bool = Field(True, description="Drop empty, digits-or-punctuation-only and file-name-like captions "
+                              "('img 0.jpg', 'DSC00012').")
+    samples_per_shard: int = Field(10000, gt=0, description="Pairs per filtered shard.")
+
+
 class DataConfig(Section):
     """Where the image-caption shards live and how they are read."""
 
-    url: str = Field(
-        "data/shapes",
-        description="fsspec URL of the dataset root (local path, file://, s3://...); holds train/ and eval/ shards.",
+    train: list[Source] = Field(
+        default_factory=lambda: [Source(url="data/shapes/train")], min_length=1,
+        description="Training shards: one URL, or a list of {url, weight} sources mixed by weight.",
+    )
+    eval: str | None = Field(
+        "data/shapes/eval", description="Held-out shards (same forms as a source url) for retrieval; a classnames.txt beside them "
+        "(one name per line, the json 'label' indexes it) adds zero-shot classification. null = no held-out eval.",
     )
     synthetic: SyntheticData | None = Field(
-        default_factory=SyntheticData,
-        description="Generate the dataset at `url` when it is missing; null = the shards must already exist.",
+        None, description="Generate the coloured-shapes set into the folders data.train and data.eval name when it "
+        "is missing; null = the shards must already exist.",
     )
+    filter: FilterConfig | None = Field(None, description="Filter the training shards first (the paper's rules); "
+                                        "null = train on them as they are.")
     augment: bool = Field(True, description="torchvision AutoAugment on training images.")
-    shuffle_buffer: int = Field(1000, ge=0, description="WebDataset shuffle buffer (samples).")
+    text_augment: bool = Field(
+        False, description="Each draw of a sample uses one of its caption and its back-translated alternatives "
+        "(json 'alt_captions', see `filipctl data backtranslate`), chosen at random.",
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples in each reader's shuffle buffer (per epoch).")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (decode, augment, "
+                                "tokenise); 0 = the training process reads.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Fail the run once more than this fraction of the samples read could not be "
+        "read (corrupt shards or images are otherwise skipped, counted and named in the log).",
+    )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"url": value}]
+        if isinstance(value, list):
+            return [{"url": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _synthetic_folders(self) -> "DataConfig":
+        if self.synthetic is None:
+            return self
+        folders = [self.train[0].url, self.eval or ""] if len(self.train) == 1 else []
+        if not folders or not all(f and not any(ch in f for ch in "{}*?[") for f in folders):
+            raise ValueError("data.synthetic writes into one training folder and one eval folder: set data.train "
+                             "and data.eval to one folder each (no pattern), or data.synthetic: null for your shards")
+        return self
 
 
 class OptimConfig(Section):

@@ -29,7 +29,7 @@ def plan(recipe: Recipe) -> list[Stage]:
         Stage("pretrain", "jobs.pretrain", processes=recipe.train.workers, distributed=True,
               after=("data",), key_metric="final_loss"),
     ]
-    if recipe.eval.enabled:
+    if recipe.eval.enabled and recipe.data.eval is not None:
         stages.append(Stage("eval", "jobs.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
     return stages
 

@@ -1,45 +1,129 @@
-"""The data stage: make sure the recipe's dataset exists at `data.url` (generate it when it is synthetic).
+"""The data stage: generate the synthetic set if asked, apply the paper's filters if asked, then index the shards.
 
-    python -m jobs.data --workdir DIR
+    python -m jobs.data --workdir DIR         (writes DIR/data.json, the index every later stage reads)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
-from filipctl.contract import RunDir, job_main
-from filipctl.schema import DataConfig, Recipe
-from jobs.dataset import read_manifest, require_dataset
+from filipctl.contract import JobError, RunDir, job_main
+from filipctl.schema import DataConfig, FilterConfig, Recipe
+from jobs.data_index import build_index, resolve_shards, write_index
 from jobs.events import emit
 from jobs.metrics import StageLogger
 from jobs.synthetic import generate
 
 
-def prepare(data: DataConfig) -> dict[str, Any]:
-    """The dataset's manifest; the synthetic set is generated first unless it is already there."""
+def _progress(what: str, every_fraction: float = 0.05):
+    def progress(done: int, total: int | None) -> None:
+        step = max(1, int((total or 0) * every_fraction)) if total else 1000
+        if done % step == 0 or done == total:
+            emit(f"{what} {done}/{total if total else '?'}", stage="data", done=done, total=total)
+    return progress
+
+
+def make_synthetic(data: DataConfig) -> None:
     synth = data.synthetic
-    if synth is None:
-        return require_dataset(data)
-    total = synth.train_samples + synth.eval_samples
-    every = max(1, total // 20)
-
-    def progress(done: int, total: int) -> None:
-        if done % every == 0 or done == total:
-            emit(f"generated {done}/{total} pairs", stage="data", done=done, total=total)
-
-    existing = read_manifest(data.url)
-    manifest = generate(data.url, synth, progress=progress)
-    if existing is not None and existing == manifest:
-        emit(f"dataset already at {data.url}: {manifest['counts']}", stage="data", done=total, total=total)
-    return manifest
+    assert synth is not None and data.eval is not None
+    train_url = data.train[0].url
+    if not generate(train_url, data.eval, synth, progress=_progress("generated")):
+        emit(f"synthetic set already at {train_url} and {data.eval}", stage="data")
 
 
-def run(recipe: Recipe, run_dir: RunDir) -> None:
-    manifest = prepare(recipe.data)
-    counts = manifest["counts"]
-    StageLogger(True).metrics({"train_pairs": counts["train"], "eval_pairs": counts["eval"],
-                               "classes": len(manifest["classes"])})
+def filter_rules(cfg: FilterConfig):
+    from jobs.filters import RULES, FilterRules
+
+    enabled = tuple(r for r in RULES if (r != "meaningless" or cfg.meaningless) and (r != "language" or cfg.language))
+    return FilterRules(min_side=cfg.min_side, max_aspect=cfg.max_aspect, language=cfg.language or "en",
+                       max_repeats=cfg.max_repeats, enabled=enabled,
+                       language_min_confidence=cfg.language_min_confidence)
+
+
+def filter_sources(data: DataConfig, logger: StageLogger) -> list[tuple[str, float]]:
+    """Filter every training source into filter.output/source<i>; -> the filtered (url, weight) sources.
+
+    A source whose filtered copy was made from the same shards with the same rules is reused.
+    """
+    from jobs.filters import filter_shards
+
+    cfg = data.filter
+    assert cfg is not None
+    rules = filter_rules(cfg)
+    filtered: list[tuple[str, float]] = []
+    for i, source in enumerate(data.train):
+        out = f"{cfg.output.rstrip('/')}/source{i}"
+        shards = resolve_shards(source.url)
+        done = _read_report(out)
+        if done and done.get("inputs") == shards and done.get("rules") == rules.to_dict():
+            emit(f"filter: {source.url} already filtered into {out}", stage="data")
+            report = done
+        else:
+            report = filter_shards(shards, out, rules, cfg.samples_per_shard, progress=_progress(f"filtered {source.url}"))
+            report["inputs"] = shards
+            _write_report(out, report)
+        emit(f"filter {source.url}: kept {report['kept']} of {report['input']}; dropped "
+             + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()), stage="data")
+        logger.metrics({f"filter_source{i}_kept": report["kept"], f"filter_source{i}_input": report["input"],
+                        **{f"filter_source{i}_dropped_{k}": v for k, v in report["dropped"].items()}})
+        logger.artifact(_local_report(out, report), f"filter/source{i}")
+        filtered.append((out, source.weight))
+    return filtered
+
+
+def _report_url(out: str) -> str:
+    return f"{out}/filter_report.json"
+
+
+def _read_report(out: str) -> dict[str, Any] | None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(_report_url(out))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _write_report(out: str, report: dict[str, Any]) -> None:
+    import fsspec
+
+    with fsspec.open(_report_url(out), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def _local_report(out: str, report: dict[str, Any]) -> str:
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="filip-filter-")) / "filter_report.json"
+    path.write_text(json.dumps(report, indent=1))
+    return str(path)
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    data = recipe.data
+    logger = StageLogger(True)
+    if data.synthetic is not None:
+        make_synthetic(data)
+    sources = filter_sources(data, logger) if data.filter is not None else [(s.url, s.weight) for s in data.train]
+    index = build_index(data, sources, progress=lambda url, d, t: _progress(f"indexed {url}")(d, t))
+    train_pairs = sum(sum(s["counts"]) for s in index["train"])
+    if train_pairs == 0:
+        raise JobError(f"the training shards hold no samples: {', '.join(u for u, _ in sources)}")
+    write_index(run_dir, index)
+    held_out = index["eval"]
+    metrics = {"train_pairs": train_pairs, "train_shards": sum(len(s["shards"]) for s in index["train"])}
+    if held_out:
+        metrics["eval_pairs"] = sum(held_out["counts"])
+        if held_out["classnames"]:
+            metrics["classes"] = len(held_out["classnames"])
+    logger.metrics(metrics)
+    emit(f"data: {metrics['train_shards']} training shards, {train_pairs} pairs"
+         + (f"; held-out {metrics['eval_pairs']} pairs" if held_out else ""), stage="data")
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from filipctl.contract import JobError, RunDir, job_main
 from filipctl.schema import Recipe
-from jobs.dataset import require_dataset
+from jobs.data_index import load_index
 from jobs.loader import eval_set
 from jobs.metrics import StageLogger
 from models.filip import FILIP, Encoded, build_model
@@ -72,10 +72,13 @@ def load_model(recipe: Recipe, run_dir: RunDir) -> FILIP:
 @torch.no_grad()
 def evaluate(recipe: Recipe, run_dir: RunDir) -> dict[str, float]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    manifest = require_dataset(recipe.data)
+    held_out = load_index(run_dir)["eval"]
+    if held_out is None:
+        raise JobError("the recipe has no held-out split (data.eval is null): nothing to evaluate on")
     model = load_model(recipe, run_dir)
     m, ev = recipe.model, recipe.eval
-    images, captions, labels = eval_set(recipe.data.url, manifest["shards"]["eval"], m.image.image_size)
+    classes = held_out["classnames"]
+    images, captions, labels = eval_set(held_out["shards"], m.image.image_size, with_labels=bool(classes))
     img = encode_images(model, images, ev.batch_size)
     txt = encode_texts(model, captions, m.text.context_length, ev.batch_size)
     s_i2t, s_t2i = similarity(img, txt, m.interaction, m.similarity_memory_mb)
@@ -84,10 +87,9 @@ def evaluate(recipe: Recipe, run_dir: RunDir) -> dict[str, float]:
         metrics[f"i2t_R{k}"] = v
     for k, v in recall_at(s_t2i.t(), ev.recall_at).items():
         metrics[f"t2i_R{k}"] = v
-    classes = manifest["classes"]
-    metrics["zeroshot_top1"] = zero_shot_accuracy(model, img, labels, classes, recipe)
-    # What guessing would score, so a reader can tell learning from luck.
-    metrics["chance_zeroshot_top1"] = 1.0 / len(classes)
+    if classes:
+        metrics["zeroshot_top1"] = zero_shot_accuracy(model, img, labels, classes, recipe)
+        metrics["chance_zeroshot_top1"] = 1.0 / len(classes)  # what guessing would score
     metrics["chance_R1"] = 1.0 / len(captions)
     metrics["eval_pairs"] = float(len(captions))
     return metrics

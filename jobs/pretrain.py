@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,10 @@ import torch.distributed as dist
 from filipctl.contract import JobError, RunDir, job_main
 from filipctl.schema import Recipe
 from jobs.checkpoints import CheckpointStore, DirectoryCheckpoints
-from jobs.dataset import require_dataset
+from jobs.data_index import load_index
 from jobs.distributed import DistInfo, init_distributed, leave
 from jobs.events import emit
-from jobs.loader import train_batches
+from jobs.loader import TrainBatches, sources_of
 from jobs.metrics import StageLogger
 from jobs.optim import build_optimizer, build_scheduler, peak_lr
 from models.filip import build_model
@@ -78,6 +78,7 @@ class TrainLog:
 
     steps: int
     global_batch: int
+    max_bad_fraction: float
     logger: StageLogger
     info: DistInfo
     window: list[float] = field(default_factory=list)
@@ -89,17 +90,23 @@ class TrainLog:
         self.window.append(loss)
         self.step_times.append(step_time)
 
-    def flush(self, done: int, lr: float, scale: torch.Tensor) -> None:
-        """Log the window's mean loss over every rank (a collective: every rank calls it)."""
-        mean = torch.tensor([sum(self.window) / len(self.window)], dtype=torch.float64)
-        dist.all_reduce(mean)
-        self.last_loss = mean.item() / self.info.world_size
+    def flush(self, done: int, lr: float, scale: torch.Tensor, batches: TrainBatches) -> None:
+        """Log the window's mean loss and the skipped samples over every rank (a collective: every rank calls it)."""
+        for problem in batches.take_problems():  # every rank names what it could not read, in the job log
+            print(f"skipped (rank {self.info.rank}): {problem}", flush=True)
+        totals = torch.tensor([sum(self.window) / len(self.window), batches.skipped, batches.drawn], dtype=torch.float64)
+        dist.all_reduce(totals)
+        self.last_loss = totals[0].item() / self.info.world_size
+        skipped, drawn = int(totals[1].item()), int(totals[2].item())
         if not math.isfinite(self.last_loss):
             raise JobError(f"loss is {self.last_loss} at step {done}: lower optim.base_lr or raise optim.weight_decay")
+        if drawn and skipped / drawn > self.max_bad_fraction:
+            raise JobError(f"{skipped} of {drawn} samples read so far could not be read ({skipped / drawn:.1%}, more "
+                           f"than data.max_bad_fraction {self.max_bad_fraction:g}); the log names them")
         dt = (time.perf_counter() - self.t_window) / len(self.window)
         temp = 1.0 / float(scale.detach().float())
         self.logger.metrics({"loss": self.last_loss, "lr": lr, "temperature": temp, "step_time_s": dt,
-                             "pairs_per_s": self.global_batch / dt}, step=done)
+                             "pairs_per_s": self.global_batch / dt, "skipped_samples": skipped}, step=done)
         eta = dt * (self.steps - done)
         _log(self.info, f"step {done:>6}/{self.steps}  loss {self.last_loss:7.4f}  lr {lr:.2e}  temp {temp:.4f}  "
                         f"{dt:.2f} s/step  eta {int(eta // 60)}m{int(eta % 60):02d}s",
@@ -139,7 +146,7 @@ def save_model(state: dict[str, torch.Tensor], run_dir: RunDir) -> None:
     tmp.replace(run_dir.model)  # never leave a half-written model.pt
 
 
-def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: Iterator, loss_fn: FilipLoss,
+def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: TrainBatches, loss_fn: FilipLoss,
                 store: CheckpointStore, start: int, log: TrainLog) -> None:
     """The loop: forward, loss over the global batch, backward, step; log and checkpoint on schedule."""
     steps, dtype = recipe.train.steps, DTYPES[recipe.train.precision]
@@ -154,9 +161,9 @@ def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: Iter
         log.add(loss.detach().float().item(), time.perf_counter() - t_step)  # data loading excluded
         done = step + 1
         if done % recipe.train.log_every == 0 or done == steps:
-            log.flush(done, scheduler.get_last_lr()[0], scale)
+            log.flush(done, scheduler.get_last_lr()[0], scale, batches)
         if done % recipe.train.checkpoint_every == 0 or done == steps:
-            store.save(engine, done, {"step": done, "loss": log.last_loss})
+            store.save(engine, done, {"step": done, "loss": log.last_loss}, batches.state())
 
 
 def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -> dict[str, float]:
@@ -167,13 +174,15 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
     if info.world_size != cfg.workers:
         _log(info, f"note: recipe asks for {cfg.workers} workers, running on {info.world_size}")
     engine, scheduler = build_engine(recipe, info)
-    start, source = store.restore(engine)
+    start, source, data_state = store.restore(engine, info.rank)
     if start:
-        _log(info, f"resumed from {source}")
-    dataset = require_dataset(recipe.data)
+        _log(info, f"resumed from {source}" + ("" if data_state else "; it holds no data position, so the "
+                                                "data restarts from the first epoch"))
     global_batch = cfg.micro_batch_size * info.world_size
-    batches = train_batches(recipe, dataset, info.rank, info.world_size,
-                            start_epoch=start * global_batch // max(1, dataset["counts"]["train"]))
+    try:
+        batches = TrainBatches(recipe, sources_of(load_index(run_dir)), info.rank, info.world_size, data_state)
+    except ValueError as exc:
+        raise JobError(f"cannot resume the data where the checkpoint left it: {exc}; rerun with --fresh") from None
     loss_fn = FilipLoss.from_config(recipe.model)
     logger = StageLogger(info.is_main)
     if info.is_main and not start:
@@ -181,7 +190,7 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
     _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {global_batch} "
                f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"{loss_fn.describe()}")
-    log = TrainLog(cfg.steps, global_batch, logger, info)
+    log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info)
     t_start = time.perf_counter()
     train_steps(recipe, info, engine, scheduler, batches, loss_fn, store, start, log)
 

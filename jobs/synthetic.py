@@ -1,13 +1,16 @@
-"""A deterministic coloured-shapes image-caption set with fine-grained structure, as WebDataset shards.
+"""A deterministic coloured-shapes image-caption set with fine-grained structure, in img2dataset's layout.
 
 Each image holds 1..max_objects shapes of distinct colours in distinct cells of a 3x3 grid;
 its caption names colour, shape and position of each ("a red circle at the top left and a
 blue square at the bottom"). The class label is the largest shape's "colour shape" (for
-zero-shot classification) and every shape's box is kept in the metadata. Sample i of a
+zero-shot classification) and every shape's box is kept in the metadata, with two paraphrases
+of the caption as `alt_captions` (the stand-in for back-translated captions). Sample i of a
 split depends only on (seed, split, i), so the same seed gives byte-identical shards.
 
-Layout under the dataset root (any fsspec URL):
-    train/shard-000000.tar ...   eval/shard-000000.tar ...   dataset.json (written last)
+Written like any img2dataset download, so it is one more source for the loader:
+    TRAIN/00000.tar 00000_stats.json ...        (KEY.jpg, KEY.txt, KEY.json)
+    EVAL/00000.tar 00000_stats.json ... classnames.txt
+    TRAIN/generator.json                        (the settings; written last: the set is complete)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import fsspec
 from PIL import Image, ImageDraw
 
-from jobs.dataset import MANIFEST, read_manifest
+from jobs.shards import ShardWriter
 
 if TYPE_CHECKING:
     from filipctl.schema import SyntheticData
@@ -41,15 +44,24 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+GENERATOR = "generator.json"
+CLASSNAMES = "classnames.txt"
 
 
 def _position_phrase(pos: str) -> str:
     return "in the center" if pos == "center" else f"at the {pos}"
 
 
+def paraphrases(objects: list[dict[str, Any]]) -> list[str]:
+    """Two rewordings of the caption, as back-translation would give (same facts, other words)."""
+    first = " and ".join(f"there is a {o['colour']} {o['shape']} {_position_phrase(o['position'])}" for o in objects)
+    second = ", ".join(f"{o['position']}: {o['colour']} {o['shape']}" for o in objects)
+    return [first, second]
+
+
 def make_sample(seed: int, split: str, index: int, image_size: int, max_objects: int) -> tuple[bytes, str, dict[str, Any]]:
-    """-> (PNG bytes, caption, metadata) for sample `index` of `split`."""
+    """-> (JPEG bytes, caption, metadata) for sample `index` of `split`."""
     rng = random.Random(f"{seed}/{split}/{index}")
     n = rng.randint(1, max_objects)
     colours = rng.sample(list(COLOURS), n)
@@ -80,49 +92,50 @@ def make_sample(seed: int, split: str, index: int, image_size: int, max_objects:
 
     caption = " and ".join(f"a {o['colour']} {o['shape']} {_position_phrase(o['position'])}" for o in objects)
     label_name = f"{objects[0]['colour']} {objects[0]['shape']}"
-    meta = {"label": CLASSES.index(label_name), "label_name": label_name, "objects": objects}
+    meta = {"caption": caption, "label": CLASSES.index(label_name), "label_name": label_name, "objects": objects,
+            "alt_captions": paraphrases(objects), "width": image_size, "height": image_size,
+            "original_width": image_size, "original_height": image_size, "status": "success"}
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="JPEG", quality=95)
     return buf.getvalue(), caption, meta
 
 
-def generate(url: str, cfg: "SyntheticData", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Write the dataset at `url` unless a manifest with the same parameters is already there."""
-    import webdataset as wds
+def _read_json(url: str) -> dict[str, Any] | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
 
-    # Every generator setting is in the manifest: a new setting regenerates, whatever its name.
+
+def generate(train_url: str, eval_url: str, cfg: "SyntheticData",
+             progress: Callable[[int, int], None] | None = None) -> bool:
+    """Write the set into the two folders unless it is there with the same settings -> whether it wrote."""
+    # Every generator setting is recorded: a new setting regenerates, whatever its name.
     params = {"format_version": FORMAT_VERSION, **cfg.model_dump(mode="json")}
-    existing = read_manifest(url)
-    if existing is not None and existing.get("params") == params:
-        return existing
-
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/{MANIFEST}"):
-        fs.rm(f"{root}/{MANIFEST}")  # parameters changed: the old manifest no longer describes the shards
+    marker = f"{train_url.rstrip('/')}/{GENERATOR}"
+    existing = _read_json(marker)
+    if existing == params:
+        return False
+    fs, path = fsspec.core.url_to_fs(marker)
+    if fs.exists(path):
+        fs.rm(path)  # settings changed: the old marker no longer describes the shards
     total = cfg.train_samples + cfg.eval_samples
     done = 0
-    shards: dict[str, list[str]] = {}
-    for split, count in (("train", cfg.train_samples), ("eval", cfg.eval_samples)):
-        fs.makedirs(f"{root}/{split}", exist_ok=True)
-        names = []
-        for shard_idx, start in enumerate(range(0, count, cfg.samples_per_shard)):
-            name = f"shard-{shard_idx:06d}.tar"
-            with fs.open(f"{root}/{split}/{name}", "wb") as raw:
-                # mtime fixed so that the same seed gives byte-identical tar files.
-                with wds.TarWriter(raw, mtime=0.0) as sink:
-                    for i in range(start, min(start + cfg.samples_per_shard, count)):
-                        png, caption, meta = make_sample(cfg.seed, split, i, cfg.image_size, cfg.max_objects)
-                        sink.write({"__key__": f"{split}-{i:08d}", "png": png, "txt": caption, "json": meta})
-                        done += 1
-                        if progress:
-                            progress(done, total)
-            names.append(name)
-        shards[split] = names
-
-    manifest = {"params": params, "classes": CLASSES, "shards": shards,
-                "counts": {"train": cfg.train_samples, "eval": cfg.eval_samples}}
-    # The manifest is written last: its presence means every shard is complete.
-    with fs.open(f"{root}/{MANIFEST}", "w") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
+    for split, url, count in (("train", train_url, cfg.train_samples), ("eval", eval_url, cfg.eval_samples)):
+        fs, folder = fsspec.core.url_to_fs(url)
+        for old in fs.glob(folder.rstrip("/") + "/*.tar") + fs.glob(folder.rstrip("/") + "/*_stats.json"):
+            fs.rm(old)  # a smaller set must not leave shards of the last one behind
+        with ShardWriter(url, cfg.samples_per_shard) as sink:
+            for i in range(count):
+                image, caption, meta = make_sample(cfg.seed, split, i, cfg.image_size, cfg.max_objects)
+                sink.write({"jpg": image, "txt": caption, "json": {"key": "", **meta}})
+                done += 1
+                if progress:
+                    progress(done, total)
+    with fsspec.open(f"{eval_url.rstrip('/')}/{CLASSNAMES}", "w") as f:
+        f.write("\n".join(CLASSES) + "\n")
+    # Written last: its presence means every shard is complete.
+    with fsspec.open(marker, "w") as f:
+        json.dump(params, f, indent=1)
+    return True

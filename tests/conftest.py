@@ -28,7 +28,8 @@ def smoke_overrides(tmp_path: Path) -> list[str]:
         "data.synthetic.train_samples": "600",
         "data.synthetic.eval_samples": "100",
         "data.synthetic.samples_per_shard": "200",
-        "data.url": str(tmp_path / "data"),
+        "data.train": str(tmp_path / "data" / "train"),
+        "data.eval": str(tmp_path / "data" / "eval"),
         "output_dir": str(tmp_path / "runs"),
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }

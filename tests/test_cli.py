@@ -104,8 +104,10 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     table = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert "pretrain" in table.stdout and "FINISHED" in table.stdout and "zeroshot_top1" in table.stdout
 
-    # 3. A longer recipe, interrupted (Ctrl-C) after its first checkpoint ...
-    longer = [*smoke_overrides, "--set", "train.steps=200"]
+    # 3. A longer recipe with 2 loader workers per rank, interrupted (Ctrl-C) after its first checkpoint ...
+    longer = [*smoke_overrides, "--set", "train.steps=40", "--set", "data.loader_workers=2",
+              "--set", "data.synthetic.samples_per_shard=100", "--set", "data.augment=true",
+              "--set", "data.text_augment=true"]
     proc = subprocess.Popen([*FILIPCTL, "run", str(ROOT / "recipes/smoke.yaml"), *longer], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"},
@@ -120,7 +122,7 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
         if found:
             latest = found[0]
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert latest is not None, "no checkpoint appeared"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -129,14 +131,33 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
                                 order_by=["attributes.start_time DESC"])[0]
     assert killed.info.status == "KILLED"
     saved = int(latest.read_text().strip().removeprefix("step"))
-    assert saved < 200
+    assert saved < 40
 
-    # ... then the same command resumes from that checkpoint and finishes.
+    # ... then the same command resumes from that checkpoint, data position included, and finishes ...
     res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"resumed from {latest.parent}/step{saved}" in res.stdout
+    assert f"resumed from {latest.parent}/step{saved}" in res.stdout and "data restarts" not in res.stdout
     summary = json.loads((latest.parent.parent / "pretrain.json").read_text())
-    assert summary["steps_run"] == 200 - saved
+    assert summary["steps_run"] == 40 - saved
+
+    # ... with a loss curve bitwise identical to an uninterrupted run of the same recipe and seed.
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer, "--set", f"output_dir={tmp_path / 'straight'}",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pipelines = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'",
+                                   order_by=["attributes.start_time ASC"])
+    interrupted, resumed, straight = (_pretrain_losses(client, p) for p in pipelines[-3:])
+    assert sorted(straight) == [5 * i for i in range(1, 9)]
+    assert min(resumed) > saved and max(resumed) == 40
+    for step, loss in {**interrupted, **resumed}.items():
+        assert loss == straight[step], (step, loss, straight[step])
+    assert len(set(straight.values())) == len(straight)  # the curve moves: equality is not vacuous
+
+
+def _pretrain_losses(client, pipeline) -> dict[int, float]:
+    children = client.search_runs([pipeline.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}' and tags.`filipctl.stage` = 'pretrain'")
+    return {m.step: m.value for m in client.get_metric_history(children[0].info.run_id, "loss")}
 
 
 def test_error_quoting_a_log_with_brackets_is_printed_as_text(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_run_checks_the_tracking_server_before_submitting_anything(tmp_path: Pat
     try:
         t0 = time.monotonic()
         res = run_cli("run", SMOKE, "--set", f"tracking.uri={uri}", "--set", "tracking.timeout_s=1.5",
-                      "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"data.url={tmp_path / 'data'}",
+                      "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"data.train={tmp_path / 'data'}",
                       cwd=tmp_path, timeout=60)
         elapsed = time.monotonic() - t0
     finally:

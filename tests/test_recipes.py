@@ -120,7 +120,7 @@ def test_fingerprint_ignores_tracking_but_not_training() -> None:
 def test_schema_documents_every_key() -> None:
     rows = schema_rows()
     keys = {r["key"] for r in rows}
-    assert {"train.zero_stage", "model.interaction", "data.url", "tracking.uri", "eval.prefixes"} <= keys
+    assert {"train.zero_stage", "model.interaction", "data.train.url", "data.eval", "tracking.uri", "eval.prefixes"} <= keys
     undocumented = [r["key"] for r in rows if not r["doc"].strip()]
     assert undocumented == []
 

@@ -117,10 +117,10 @@ def test_detach_then_cancel(tmp_path: Path, smoke_overrides: list[str]) -> None:
 def test_failed_stage_cancels_its_dependents(tmp_path: Path, smoke_overrides: list[str]) -> None:
     # No dataset at the URL and generation switched off: the data job fails on the node.
     res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides,
-                  "--set", "data.synthetic=null", "--set", f"data.url={tmp_path / 'nowhere'}", cwd=tmp_path)
+                  "--set", "data.synthetic=null", "--set", f"data.train={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "stage data failed; cancelled: pretrain, eval" in res.stderr
-    assert "dataset.json missing" in res.stderr  # the job's own message, from its log
+    assert "no .tar shards at" in res.stderr  # the job's own message, from its log
     ids = job_ids(status_json(tmp_path)[0])
     assert sacct(ids["data"])["state"] == "FAILED"
     for stage in ("pretrain", "eval"):

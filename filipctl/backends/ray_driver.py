@@ -30,21 +30,27 @@ from filipctl.stages import Stage, find_stage
 class RayCheckpoints:
     """CheckpointStore for Ray Train: every rank saves its shards to a temp dir and reports it."""
 
-    def restore(self, engine) -> tuple[int, str]:
+    def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
         import ray.train
+
+        from jobs.checkpoints import read_data_state
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return 0, ""
+            return 0, "", None
         with ckpt.as_directory() as d:
             tag = (Path(d) / "latest").read_text().strip()
             engine.load_checkpoint(d, tag=tag)
-        return int(tag.removeprefix("step")), f"ray checkpoint {ckpt.path} ({tag})"
+            data_state = read_data_state(Path(d) / tag, rank)
+        return int(tag.removeprefix("step")), f"ray checkpoint {ckpt.path} ({tag})", data_state
 
-    def save(self, engine, step: int, metrics: dict[str, Any]) -> None:
+    def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:
         import ray.train
 
+        from jobs.checkpoints import write_data_state
+
         with tempfile.TemporaryDirectory(prefix="filip-ckpt-") as tmp:
+            write_data_state(Path(tmp) / f"step{step}", engine.global_rank, data_state)
             engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
             # Every worker reports the same number of times; Ray merges their shards into one checkpoint.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
