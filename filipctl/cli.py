@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from filipctl.errors import FilipctlError
+from filipctl.errors import FilipctlError, UsageProblem
 
 app = typer.Typer(
     help="Pretrain FILIP (fine-grained late-interaction CLIP) from declarative YAML recipes, "
@@ -42,19 +42,16 @@ UriOpt = Annotated[Optional[str], typer.Option(
     "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 ExpOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment.")]
 TimeoutOpt = Annotated[float, typer.Option(
-    "--tracking-timeout", min=0.1, help="Seconds an http(s) tracking server may take to answer before giving up.")]
+    "--tracking-timeout", min=0.1, max=3600,
+    help="Seconds an http(s) tracking server may take to answer before giving up.")]
 
 
 def _tracking_uri(uri: str | None, timeout_s: float) -> str:
     """The store a read command uses: it must exist (sqlite) or answer in time (a server)."""
-    from pathlib import Path
-
     from filipctl import tracking
 
     resolved = tracking.resolve_uri(uri)
-    if resolved.startswith("sqlite:///") and not Path(resolved.removeprefix("sqlite:///")).exists():
-        raise FilipctlError(f"no MLflow store at {resolved}: run `filipctl run RECIPE` here first, or pass --tracking-uri")
-    tracking.check_reachable(resolved, timeout_s)
+    tracking.check_store(resolved, timeout_s, must_exist=True)
     return resolved
 
 
@@ -89,6 +86,8 @@ def run(
 
       filipctl run recipes/smoke.yaml --set train.steps=50 --set model.interaction=global
     """
+    if cluster is not None and not cluster.strip():
+        raise UsageProblem("--cluster needs a profile name (clusters/NAME.yaml) or a backend: local, slurm, ray")
     r = _load(recipe, set_, cluster)  # validation first: a bad recipe writes nothing anywhere
     from filipctl import pipeline
 
@@ -101,8 +100,8 @@ def run(
 
         if not get_backend(r.cluster.backend, r.cluster).native_dependencies:
             # Without a scheduler to hold the afterok chain, this process is what starts each next stage.
-            raise FilipctlError(f"--detach needs a scheduler (--cluster slurm): {r.cluster.backend} stages "
-                                "are started one after another by this process")
+            raise UsageProblem(f"--detach needs a scheduler (--cluster slurm): {r.cluster.backend} stages "
+                               "are started one after another by this process")
     result = pipeline.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
     from filipctl import tracking
 
@@ -133,7 +132,7 @@ def run(
 
 @app.command()
 def status(
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many recent runs.")] = 10,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=50000, help="How many recent runs.")] = 10,
     tracking_uri: UriOpt = None,
     experiment: ExpOpt = "filip",
     tracking_timeout: TimeoutOpt = 5.0,
@@ -156,7 +155,7 @@ def status(
         print(json.dumps(rows, indent=1))
         return
     if not rows:
-        out.print(f"no filipctl runs in experiment {experiment!r} at {uri}")
+        out.print(f"no filipctl runs in experiment {experiment!r} at {uri}", markup=False, highlight=False)
         return
     out.print(st.render(rows))
 
@@ -220,16 +219,19 @@ def cancel(
     if parent.info.status in ACTIVE:
         tracker.end(parent.info.run_id, "KILLED")
     if cancelled:
-        out.print(f"cancelled {parent.info.run_name}: {', '.join(cancelled)}", highlight=False)
+        out.print(f"cancelled {parent.info.run_name}: {', '.join(cancelled)}", highlight=False, markup=False)
     else:
-        out.print(f"{parent.info.run_name} has nothing left to cancel ({parent.info.status})", highlight=False)
+        out.print(f"{parent.info.run_name} has nothing left to cancel ({parent.info.status})", highlight=False,
+                  markup=False)
 
 
 @recipe_app.command("validate")
 def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe (with its extends: chain and --set overrides) against the schema."""
+    from rich.markup import escape
+
     r = _load(recipe, set_)
-    out.print(f"[green]ok[/] {recipe}: recipe {r.name!r}, {r.train.steps} steps, global batch "
+    out.print(f"[green]ok[/] {escape(recipe)}: recipe {escape(repr(r.name))}, {r.train.steps} steps, global batch "
               f"{r.train.global_batch}, {r.model.interaction} interaction", highlight=False)
     if r.description:
         out.print(r.description, highlight=False, markup=False)
@@ -302,9 +304,34 @@ def _context_for(argv: list[str]):
     return ctx
 
 
+def _sane_terminal_width() -> None:
+    """rich takes COLUMNS as given: 0 or garbage would print nothing at all, error messages included."""
+    import os
+
+    columns = os.environ.get("COLUMNS")
+    if columns is not None and not (columns.isdigit() and int(columns) >= 20):
+        os.environ.pop("COLUMNS")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's or `timeout`'s stop) leaves like Ctrl-C: a running pipeline cancels its jobs."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
+    import os
+
     from rich.markup import escape
 
+    _sane_terminal_width()
+    _stop_on_sigterm()
+    global out, err
+    out, err = Console(), Console(stderr=True)
     usage_errors, aborts = _click_exceptions()
     try:
         code = app(standalone_mode=False)
@@ -320,6 +347,13 @@ def main() -> None:
     except (*aborts, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
+    except Exception as e:  # an input nobody foresaw: still one line; the traceback on request
+        if os.environ.get("FILIPCTL_DEBUG"):
+            raise
+        what = " ".join(str(e).split())[:500] or "(no message)"
+        err.print(f"[bold red]error:[/] {escape(type(e).__name__)}: {escape(what)} (unexpected: set FILIPCTL_DEBUG=1 "
+                  "for the traceback, and please report it)", highlight=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

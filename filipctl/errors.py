@@ -11,3 +11,9 @@ class RecipeError(FilipctlError):
     """A recipe (file, `extends:` chain or `--set` override) is invalid."""
 
     exit_code = 2
+
+
+class UsageProblem(FilipctlError):
+    """Options that cannot go together (the parser accepts each alone)."""
+
+    exit_code = 2

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from filipctl import provenance, tracking
@@ -77,8 +78,10 @@ class _EventTail:
 
 
 def _tail(text: str, n: int = 25) -> str:
+    """What to quote of a failed job's log: its own `error:` lines when it said why, else the last lines."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return "\n".join("    " + ln for ln in lines[-n:])
+    said = [ln for ln in lines if ln.startswith("error: ")]
+    return "\n".join("    " + ln for ln in (said[-5:] or lines[-n:]))
 
 
 def _absolute(url: str) -> str:
@@ -107,8 +110,20 @@ def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
     if recipe.train.workers == world:
         return recipe
     console.print(f"note: train.workers {recipe.train.workers} -> {world} (cluster profile {recipe.cluster.name}); "
-                  f"global batch {recipe.train.micro_batch_size * world}", highlight=False)
+                  f"global batch {recipe.train.micro_batch_size * world}", highlight=False, markup=False)
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"workers": world})})
+
+
+def _check_writable(folder: Path) -> None:
+    """The run folder can be made: its nearest existing ancestor is a folder this process may write to."""
+    import os
+
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise FilipctlError(f"cannot create the run folder {folder}: {parent} is not a writable folder; "
+                            "set output_dir to one")
 
 
 def _placeholder_ids(stages: list[Stage]) -> dict[str, str]:
@@ -129,7 +144,7 @@ def dry_run(recipe: Recipe, console: Console) -> None:
     run_dir = run_dir_for(recipe)
     stages = plan(recipe)
     console.print(f"dry run: {recipe.name} on {backend.name} (profile {recipe.cluster.name}), workdir {run_dir.root}, "
-                  f"global batch {recipe.train.global_batch}, nothing submitted", highlight=False)
+                  f"global batch {recipe.train.global_batch}, nothing submitted", highlight=False, markup=False)
     for i, request in enumerate(_requests(backend, stages, run_dir), 1):
         stage = request.stage
         after = f" after {', '.join(stage.after)} succeeds" if stage.after else ""
@@ -164,7 +179,8 @@ class PipelineRun:
     def preflight(self) -> str:
         """Every check that can fail without leaving anything behind -> the tracking URI."""
         uri = tracking.resolve_uri(self.recipe.tracking.uri)
-        tracking.check_reachable(uri, self.recipe.tracking.timeout_s)
+        tracking.check_store(uri, self.recipe.tracking.timeout_s, must_exist=False)
+        _check_writable(self.run_dir.root)
         # Ask the scheduler first: a request it can never satisfy fails here, with nothing queued or tracked.
         for request in _requests(self.backend, self.stages, self.run_dir):
             self.backend.validate(request)
@@ -174,10 +190,14 @@ class PipelineRun:
 
     def track(self, uri: str, fresh: bool) -> None:
         recipe, run_dir = self.recipe, self.run_dir
-        if fresh and run_dir.root.exists():
-            shutil.rmtree(run_dir.root)
-        run_dir.logs.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir.recipe, json.dumps(recipe_to_dict(recipe), indent=1))
+        try:
+            if fresh and run_dir.root.exists():
+                shutil.rmtree(run_dir.root)
+            run_dir.logs.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_dir.recipe, json.dumps(recipe_to_dict(recipe), indent=1))
+        except OSError as exc:
+            raise FilipctlError(f"cannot write the run folder {run_dir.root}: {exc.strerror or exc}; "
+                                "set output_dir to a writable folder") from None
         self.tracker = tracking.Tracker(uri, recipe.tracking.experiment)
         git = provenance.git_state()
         self.parent = self.tracker.start_pipeline(
@@ -189,8 +209,8 @@ class PipelineRun:
             recipe_yaml=yaml.safe_dump(tracking.redact(recipe_to_dict(recipe)), sort_keys=False),
             versions=provenance.package_versions(),
         )
-        self.console.print(f"run [bold]{recipe.name}[/] on [bold]{self.backend.name}[/]  workdir {run_dir.root}  "
-                           f"mlflow run {self.parent}", highlight=False)
+        self.console.print(f"run [bold]{escape(recipe.name)}[/] on [bold]{self.backend.name}[/]  "
+                           f"workdir {escape(str(run_dir.root))}  mlflow run {self.parent}", highlight=False)
         if git["git_dirty"] == "true":
             self.console.print("[yellow]note:[/] the source tree has uncommitted changes (tagged filipctl.git_dirty=true)")
         self.children = {s.name: self.tracker.start_stage(self.parent, s.name, recipe.name, self.backend.name,

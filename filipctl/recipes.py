@@ -18,31 +18,64 @@ from filipctl.errors import RecipeError
 from filipctl.schema import Recipe
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would silently win)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep)
+
+
+MAX_EXTENDS = 16  # a longer extends: chain is a mistake, not a design
+
+
+def _exists(path: Path, what: str) -> bool:
+    """path.is_file(), with unreadable or impossible paths (too long, no permission) as one clear error."""
+    try:
+        if path.is_dir():
+            raise RecipeError(f"{path}: is a folder, not a {what} file")
+        return path.is_file()
+    except OSError as exc:
+        raise RecipeError(f"{str(path)[:200]}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def _read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    if not _exists(path, what):
         hint = ""
-        candidates = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        try:
+            candidates = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        except OSError:
+            candidates = []
         if candidates:
-            hint = f" (recipes in {path.parent}: {', '.join(candidates)})"
-        raise RecipeError(f"{path}: recipe file not found{hint}")
+            more = f", ... ({len(candidates)} in all)" if len(candidates) > 10 else ""
+            hint = f" ({what}s in {path.parent}: {', '.join(candidates[:10])}{more})"
+        raise RecipeError(f"{path}: {what} file not found{hint}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                          "save the recipe as UTF-8 YAML") from None
+                          f"save the {what} as UTF-8 YAML") from None
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+        raise RecipeError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{path}:{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML nests too deeply to be a {what}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections, got a {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} is a YAML mapping of keys, got a {type(data).__name__}")
     return data
 
 
@@ -57,10 +90,12 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve() if path.exists() else path
+    path = path.resolve() if _exists(path, "recipe") else path
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise RecipeError(f"{seen[-1]}: extends: cycle {chain}")
+    if len(seen) >= MAX_EXTENDS:
+        raise RecipeError(f"{seen[0]}: extends: chain longer than {MAX_EXTENDS} recipes")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -70,7 +105,7 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = Path(parent)
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    if not parent_path.is_file():
+    if not _exists(parent_path, "recipe"):
         raise RecipeError(f"{path}: extends: recipe file not found: {parent_path}")
     return _deep_merge(_load_chain(parent_path, (*seen, path)), data)
 
@@ -153,11 +188,13 @@ def profile_dirs() -> list[Path]:
 def find_cluster_profile(name: str) -> Path | None:
     if name.endswith((".yaml", ".yml")):
         p = Path(name)
-        if not p.is_file():
+        if not _exists(p, "cluster profile"):
             raise RecipeError(f"--cluster {name}: profile file not found")
         return p
+    if "/" in name or name.startswith("."):
+        raise RecipeError(f"--cluster {name}: a profile name is a file name in clusters/ (or a path ending in .yaml)")
     for d in profile_dirs():
-        if (d / f"{name}.yaml").is_file():
+        if _exists(d / f"{name}.yaml", "cluster profile"):
             return d / f"{name}.yaml"
     return None
 
@@ -170,7 +207,7 @@ def _cluster_section(name: str) -> tuple[dict[str, Any], Path | None]:
         known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
         raise RecipeError(f"--cluster {name}: no profile {name}.yaml in {', '.join(str(d) for d in profile_dirs())}; "
                           f"profiles: {', '.join(known) or 'none'}; backends: {', '.join(BACKEND_NAMES)}")
-    data = _read_yaml(profile)
+    data = _read_yaml(profile, "cluster profile")
     data.setdefault("name", profile.stem)
     return data, profile
 

@@ -6,7 +6,7 @@ prints its documentation. Every model forbids unknown keys so a typo fails loudl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,8 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CLIP_VOCAB_SIZE = 49408
 
 
+# Where MLflow can keep runs (filipctl.tracking checks that the store answers before a run starts).
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql://", "mysql://", "mssql://", "databricks")
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan anywhere: a learning rate of .inf validates otherwise, and `recipe show --json` prints Infinity.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """`steps: true` is a typo, not 1 step: pydantic would take a bool for an int or a float."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and field.annotation in (int, float):
+                    raise ValueError(f"{name}: expected a number, got {data[name]!r}")
+        return data
 
 
 class ImageTower(Section):
@@ -189,7 +204,8 @@ class OptimConfig(Section):
     name: Literal["lamb", "adamw"] = Field("lamb", description="Optimizer (timm's Lamb; adamw for comparison).")
     base_lr: float = Field(6e-3, gt=0, description="Base LR; peak LR = base_lr * sqrt(global_batch / 512).")
     weight_decay: float = Field(3e-2, ge=0, description="Weight decay (not applied to biases, norms, embeddings, temperature).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/LAMB betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="Adam/LAMB betas, each in [0, 1).")
     eps: float = Field(1e-4, gt=0, description="Adam/LAMB epsilon (paper: 1e-4).")
     warmup_steps: int = Field(3000, ge=0, description="Linear warmup steps before cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak LR.")
@@ -229,19 +245,29 @@ class EvalConfig(Section):
         min_length=1,
         description="Prompt suffixes; the ensemble averages token-wise similarity over prefixes x suffixes.",
     )
-    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="Retrieval R@K.")
+    recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10], min_length=1,
+                                                         description="Retrieval R@K.")
 
 
 class TrackingConfig(Section):
     """MLflow tracking."""
 
-    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory.")
-    experiment: str = Field("filip", description="MLflow experiment name.")
+    uri: str | None = Field(None, description="MLflow tracking URI (sqlite:///PATH, http(s)://HOST:PORT of an MLflow "
+                            "server, a database URL); null = sqlite:///mlflow.db in the working directory.")
+    experiment: str = Field("filip", min_length=1, description="MLflow experiment name.")
     timeout_s: float = Field(
         5.0, gt=0,
-        description="How long an http(s) tracking server may take to answer before `filipctl run` gives up "
+        le=3600, description="How long an http(s) tracking server may take to answer before `filipctl run` gives up "
         "(checked before anything is submitted).",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith(TRACKING_SCHEMES):
+            raise ValueError(f"{uri!r} is not a store MLflow can use here; give sqlite:///PATH/mlflow.db, "
+                             "http(s)://HOST:PORT of an MLflow server, or a database URL (postgresql://...)")
+        return uri
 
 
 class SlurmProfile(Section):
@@ -318,7 +344,9 @@ class ClusterConfig(Section):
 class Recipe(Section):
     """A FILIP pretraining recipe: model, data, optimisation, training, eval, tracking, cluster."""
 
-    name: str = Field(..., min_length=1, description="Recipe name (MLflow run name prefix).")
+    name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+                      description="Recipe name (MLflow run name prefix and run folder name): letters, digits, "
+                      "'.', '_', '+', '-'.")
     description: str = Field("", description="Free text: `filipctl recipe validate` prints it and it becomes the "
                              "MLflow run's description.")
     output_dir: str = Field("runs", description="Where checkpoints and job outputs go (one folder per resolved recipe).")

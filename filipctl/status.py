@@ -125,6 +125,7 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def render(rows: list[dict[str, Any]]):
+    from rich.markup import escape
     from rich.table import Table
 
     colour = {"FINISHED": "green", "RUNNING": "cyan", "FAILED": "red", "KILLED": "yellow", "SCHEDULED": "blue"}
@@ -133,7 +134,7 @@ def render(rows: list[dict[str, Any]]):
         table.add_column(col, overflow="fold")
     for r in rows:
         st = r["state"]
-        table.add_row(f"[bold]{r['name']}[/]", r["recipe"], r["backend"],
+        table.add_row(f"[bold]{escape(r['name'])}[/]", escape(r["recipe"]), r["backend"],
                       f"[{colour.get(st, 'white')}]{st}[/]", "", "", fmt_duration(r["duration_s"]))
         for s in r["stages"]:
             value = "-" if s["value"] is None else f"{s['key_metric']}={s['value']:.4g}"
@@ -141,7 +142,7 @@ def render(rows: list[dict[str, Any]]):
             if s["scheduler"]:
                 state += f" ({s['scheduler'].lower()})"
             job = s["ray_run"] or job_label(r["backend"], s["job_id"])
-            table.add_row(f"  └ {s['stage']}", "", "", state, job, value, fmt_duration(s["duration_s"]))
+            table.add_row(f"  └ {escape(s['stage'])}", "", "", state, escape(job), value, fmt_duration(s["duration_s"]))
     return table
 
 

@@ -102,3 +102,101 @@ def test_recipe_that_is_not_utf8_gets_one_line(tmp_path: Path) -> None:
     res = run_cli("recipe", "validate", str(recipe), cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.count("error:") == 1 and "not a UTF-8 text file" in res.stderr and str(recipe) in res.stderr
+
+
+def _write(path: Path, text: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def _deep_extends(tmp: Path, depth: int) -> str:
+    for i in range(depth):
+        _write(tmp / "chain" / f"r{i}.yaml", f"extends: r{i + 1}.yaml\nname: r{i}\n")
+    _write(tmp / "chain" / f"r{depth}.yaml", "name: last\n")
+    return str(tmp / "chain" / "r0.yaml")
+
+
+class _NotMlflow:
+    """A web server that is not MLflow: 404 for everything."""
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+
+
+# name -> (argv builder(tmp) , exit status, fragment of the one message). Found by trying bad inputs
+# systematically (recipes, --set values, tracking URIs, paths, terminal settings).
+BAD_INPUTS = {
+    "markup in a name": (lambda t: ["recipe", "validate", SMOKE, "--set", "name=x[/]"], 2, "name"),
+    "path in a name": (lambda t: ["recipe", "validate", SMOKE, "--set", "name=../../etc/x"], 2, "name"),
+    "duplicate key": (lambda t: ["recipe", "validate", _write(t / "d.yaml", "name: a\ntrain: {steps: 1}\n"
+                                                                       "train: {steps: 2}\n")], 2, "appears twice"),
+    "bool for a number": (lambda t: ["recipe", "validate", SMOKE, "--set", "train.steps=true"], 2, "expected a number"),
+    "infinite lr": (lambda t: ["recipe", "validate", SMOKE, "--set", "optim.base_lr=.inf"], 2, "optim.base_lr"),
+    "betas out of range": (lambda t: ["recipe", "validate", SMOKE, "--set", "optim.betas=[2, -1]"], 2, "optim.betas"),
+    "recall at zero": (lambda t: ["recipe", "validate", SMOKE, "--set", "eval.recall_at=[0]"], 2, "eval.recall_at"),
+    "empty experiment": (lambda t: ["recipe", "validate", SMOKE, "--set", "tracking.experiment="], 2,
+                         "tracking.experiment"),
+    "unknown tracking scheme": (lambda t: ["run", SMOKE, "--set", "tracking.uri=notaurl://x"], 2,
+                                "not a store MLflow can use"),
+    "recipe is a folder": (lambda t: ["recipe", "validate", str(t)], 2, "is a folder"),
+    "path too long": (lambda t: ["recipe", "validate", "x" * 300 + ".yaml"], 2, "cannot read the recipe"),
+    "extends too deep": (lambda t: ["recipe", "validate", _deep_extends(t, 20)], 2, "chain longer than"),
+    "yaml nests too deep": (lambda t: ["recipe", "validate", _write(t / "n.yaml", "name: a\nx: " + "[" * 2000)], 2,
+                            "r"),
+    "empty --cluster": (lambda t: ["run", SMOKE, "--cluster", ""], 2, "--cluster needs a profile name"),
+    "--detach without a scheduler": (lambda t: ["run", SMOKE, "--detach"], 2, "--detach needs a scheduler"),
+    "garbage tracking uri": (lambda t: ["status", "--tracking-uri", "garbage"], 1, "not a store MLflow can use"),
+    "file: tracking uri": (lambda t: ["status", "--tracking-uri", f"file://{t}"], 1, "not a store MLflow can use"),
+    "sqlite store is random bytes": (lambda t: ["status", "--tracking-uri",
+                                                f"sqlite:///{_write(t / 'x.db', bytes(range(256)) * 8)}"], 1,
+                                     "is not an SQLite database"),
+    "sqlite store is a folder": (lambda t: ["logs", "--tracking-uri", f"sqlite:///{t}"], 1, "is a folder"),
+    "sqlite store is empty": (lambda t: ["cancel", "--tracking-uri", f"sqlite:///{_write(t / 'e.db', b'')}"], 1,
+                              "not an MLflow store"),
+    "output_dir not writable": (lambda t: ["run", SMOKE, "--set", "output_dir=/proc/nope",
+                                           "--set", f"tracking.uri=sqlite:///{t}/m.db"], 1,
+                                "the run folder /proc/nope"),
+    "limit too large": (lambda t: ["status", "--limit", "50001"], 2, "--limit"),
+    "infinite timeout": (lambda t: ["status", "--tracking-timeout", "inf"], 2, "--tracking-timeout"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gets_one_line_and_leaves_nothing(name: str, tmp_path: Path) -> None:
+    build, code, fragment = BAD_INPUTS[name]
+    argv = build(tmp_path)
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+    res = run_cli(*argv, cwd=tmp_path, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == code, out
+    assert "Traceback" not in out and "unexpected" not in out, out
+    assert fragment in res.stderr, res.stderr
+    assert res.stderr.count("error:") + res.stderr.count("Error:") == 1, res.stderr
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_web_server_that_is_not_mlflow_is_named(tmp_path: Path) -> None:
+    with _NotMlflow() as url:
+        res = run_cli("status", "--tracking-uri", url, cwd=tmp_path, timeout=60)
+    assert res.returncode == 1 and "answered HTTP 404" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_errors_still_show_with_a_zero_terminal_width(tmp_path: Path) -> None:
+    res = run_cli("recipe", "validate", SMOKE, "--set", "train.stepz=1", cwd=tmp_path, env={"COLUMNS": "0"})
+    assert res.returncode == 2 and "train.stepz" in res.stderr and "unknown key" in res.stderr, res.stderr

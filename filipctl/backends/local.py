@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from filipctl.backends.base import JobRequest, JobState
 from filipctl.contract import free_port
+from filipctl.errors import FilipctlError
 
 
 def _state_of(exit_code: int, cancelled: bool = False) -> JobState:
@@ -65,7 +66,11 @@ class LocalBackend:
         return job_id
 
     def _record(self, job_id: str) -> dict:
-        return json.loads(Path(job_id).read_text())
+        try:
+            return json.loads(Path(job_id).read_text())
+        except (OSError, ValueError) as exc:
+            raise FilipctlError(f"the job record {job_id} cannot be read ({type(exc).__name__}): was its run folder "
+                                "moved or deleted?") from None
 
     def _finish(self, job_id: str, code: int) -> JobState:
         rec = self._record(job_id)
