@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from filipctl.cli_data import data_app
 from filipctl.errors import FilipctlError, UsageProblem
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check and inspect recipes without running anything.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)

@@ -29,6 +29,16 @@ def _protocol_prefix(url: str) -> str:
 
 def resolve_shards(url: str) -> list[str]:
     """Shard URLs for a brace pattern, a glob, a folder of .tar files or one .tar file; sorted, deduplicated."""
+    try:
+        return _resolve(url)
+    except JobError:
+        raise
+    except Exception as exc:  # no credentials, no such bucket, a malformed URL: say which URL and why
+        why = " ".join(str(exc).split())[:300]
+        raise JobError(f"cannot list the shards at {url!r}: {type(exc).__name__}: {why}") from None
+
+
+def _resolve(url: str) -> list[str]:
     if "{" in url:
         shards = expand_urls(url)
     else:
@@ -38,8 +48,10 @@ def resolve_shards(url: str) -> list[str]:
             shards = [prefix + p for p in fs.glob(path)]
         elif fs.isdir(path):
             shards = [prefix + p for p in fs.glob(path.rstrip("/") + "/*.tar")]
-        else:
+        elif fs.exists(path):
             shards = [url]
+        else:
+            shards = []
     shards = sorted(dict.fromkeys(shards))
     if not shards:
         raise JobError(f"no .tar shards at {url}: give a brace pattern (.../{{00000..00099}}.tar), a glob or a folder")

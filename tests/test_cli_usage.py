@@ -37,6 +37,9 @@ USAGE_ERRORS = {
     "recipe show: missing value": (["recipe", "show", SMOKE, "-s"], "'-s' requires an argument"),
     "recipe keys: unknown option": (["recipe", "keys", "--bogus"], "No such option: --bogus"),
     "recipe keys: extra argument": (["recipe", "keys", "model"], "unexpected extra argument"),
+    "data filter: missing argument": (["data", "filter", "in/"], "Missing argument 'OUTPUT'"),
+    "data backtranslate: missing option": (["data", "backtranslate", "in/", "out/"], "Missing option '--pivot'"),
+    "data: unknown subcommand": (["data", "filtr"], "No such command 'filtr'"),
 }
 
 
