@@ -99,17 +99,19 @@ class Problems:
     """What a reader could not read, for the log and the skipped-samples metric."""
 
     messages: list[str] = field(default_factory=list)
-    skipped: int = 0
+    skipped: int = 0  # samples lost: undecodable ones (drawn) and those a damaged shard took with it (never drawn)
+    lost: int = 0  # of which never drawn
     muted: bool = False  # while a resumed reader replays what was already counted
 
-    def add(self, message: str, samples: int) -> None:
+    def add(self, message: str, samples: int, drawn: bool) -> None:
         if not self.muted:
             self.messages.append(message)
             self.skipped += samples
+            self.lost += 0 if drawn else samples
 
-    def take(self) -> tuple[list[str], int]:
-        out = (self.messages, self.skipped)
-        self.messages, self.skipped = [], 0
+    def take(self) -> tuple[list[str], int, int]:
+        out = (self.messages, self.skipped, self.lost)
+        self.messages, self.skipped, self.lost = [], 0, 0
         return out
 
 
@@ -139,7 +141,8 @@ def _shard_samples(url: str, expected: int, owner: bool, problems: Problems) -> 
         yield sample
     if errors and owner:
         lost = max(expected - got, 0)
-        problems.add(f"{errors[0]} ({lost} of {expected} samples lost)" if lost else errors[0], max(lost, 1))
+        problems.add(f"{errors[0]} ({lost} of {expected} samples lost)" if lost else errors[0], max(lost, 1),
+                     drawn=False)
 
 
 def epoch_samples(plan: ReaderPlan, src: int, epoch: int, reader: int, problems: Problems) -> Iterator[dict[str, Any]]:
@@ -220,8 +223,9 @@ class Batch:
     ids: Tensor  # [b, L]
     reader: int
     position: dict[str, Any]
-    drawn: int  # samples drawn for this batch, unreadable ones included
-    skipped: int  # samples lost to damage or undecodable
+    drawn: int  # samples drawn for this batch, undecodable ones included
+    skipped: int  # samples lost: undecodable, or taken away by a damaged shard
+    lost: int  # of which never drawn (a damaged shard's)
     problems: list[str]  # what could not be read: "shard url: key: why"
 
 
@@ -257,14 +261,14 @@ class TrainSamples(IterableDataset):
                 image = self._image(sample, transform, reader, k)
                 text = self._caption(sample, reader, k)
             except Exception as exc:  # an undecodable sample: skipped, counted, named
-                problems.add(f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}: {exc}", 1)
+                problems.add(f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}: {exc}", 1, drawn=True)
                 continue
             images.append(image)
             texts.append(text)
             if len(images) == self.batch_size:
-                messages, skipped = problems.take()
+                messages, skipped, lost = problems.take()
                 yield Batch(torch.stack(images), tokenize(texts, self.context_length), reader,
-                            stream.position.to_json(), drawn, skipped, messages)
+                            stream.position.to_json(), drawn, skipped, lost, messages)
                 images, texts, drawn = [], [], 0
 
     def _image(self, sample: dict[str, Any], transform, reader: int, k: int) -> Tensor:
@@ -310,7 +314,8 @@ class TrainBatches:
         self.positions = {int(r): Position.from_json(p) for r, p in state.get("positions", {}).items()}
         self.rotation = int(state.get("next", 0))
         self.served = 0
-        self.drawn, self.skipped = int(state.get("drawn", 0)), int(state.get("skipped", 0))
+        # Samples read (drawn, or lost in a damaged shard before they could be) and of those not usable.
+        self.read, self.skipped = int(state.get("read", 0)), int(state.get("skipped", 0))
         self._problems: list[str] = []
         dataset = TrainSamples(self.plan, rank, self.slots, dict(self.positions), self.rotation, recipe)
         self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -323,7 +328,7 @@ class TrainBatches:
         batch: Batch = next(self._batches)
         self.positions[batch.reader] = Position.from_json(batch.position)
         self.served += 1
-        self.drawn += batch.drawn
+        self.read += batch.drawn + batch.lost
         self.skipped += batch.skipped
         self._problems += batch.problems
         return batch.images, batch.ids
@@ -336,7 +341,7 @@ class TrainBatches:
     def state(self) -> dict[str, Any]:
         return {"readers": self.plan.readers, "sources": len(self.plan.sources),
                 "positions": {str(r): p.to_json() for r, p in sorted(self.positions.items())},
-                "next": (self.rotation + self.served) % self.slots, "drawn": self.drawn, "skipped": self.skipped}
+                "next": (self.rotation + self.served) % self.slots, "read": self.read, "skipped": self.skipped}
 
 
 def eval_samples(shards: list[str], problems: list[str]) -> Iterator[dict[str, Any]]:

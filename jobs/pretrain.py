@@ -94,14 +94,14 @@ class TrainLog:
         """Log the window's mean loss and the skipped samples over every rank (a collective: every rank calls it)."""
         for problem in batches.take_problems():  # every rank names what it could not read, in the job log
             print(f"skipped (rank {self.info.rank}): {problem}", flush=True)
-        totals = torch.tensor([sum(self.window) / len(self.window), batches.skipped, batches.drawn], dtype=torch.float64)
+        totals = torch.tensor([sum(self.window) / len(self.window), batches.skipped, batches.read], dtype=torch.float64)
         dist.all_reduce(totals)
         self.last_loss = totals[0].item() / self.info.world_size
-        skipped, drawn = int(totals[1].item()), int(totals[2].item())
+        skipped, read = int(totals[1].item()), int(totals[2].item())
         if not math.isfinite(self.last_loss):
             raise JobError(f"loss is {self.last_loss} at step {done}: lower optim.base_lr or raise optim.weight_decay")
-        if drawn and skipped / drawn > self.max_bad_fraction:
-            raise JobError(f"{skipped} of {drawn} samples read so far could not be read ({skipped / drawn:.1%}, more "
+        if read and skipped / read > self.max_bad_fraction:
+            raise JobError(f"{skipped} of {read} samples read so far could not be used ({skipped / read:.1%}, more "
                            f"than data.max_bad_fraction {self.max_bad_fraction:g}); the log names them")
         dt = (time.perf_counter() - self.t_window) / len(self.window)
         temp = 1.0 / float(scale.detach().float())

@@ -113,11 +113,12 @@ def test_damaged_shard_and_image_are_skipped_counted_and_named(tmp_path: Path) -
     plan = ReaderPlan((source,), 1, 0, 0)
     keys = [s["__key__"] for s in epoch_samples(plan, 0, 0, 0, problems)]
     assert 30 <= len(keys) < 40
-    messages, skipped = problems.take()
-    assert skipped == 40 - len(keys) and len(messages) == 1 and str(damaged) in messages[0], messages
+    messages, skipped, lost = problems.take()
+    assert skipped == lost == 40 - len(keys) and len(messages) == 1 and str(damaged) in messages[0], messages
     # through the whole loader: the batches keep coming, the state counts what was skipped
     recipe = _recipe(tmp_path, "data.augment=false")
     batches = _batches(recipe, [source], rank=0, world=1)
     for _ in range(12):
         next(batches)
     assert batches.skipped >= 40 - len(keys) and any(str(damaged) in p for p in batches.take_problems())
+    assert batches.read >= 40  # the lost samples count as read: the bad fraction is of what the shards hold
