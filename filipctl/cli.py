@@ -133,6 +133,62 @@ def run(
 
 
 @app.command()
+def ablate(
+    recipe: Annotated[Optional[str], typer.Argument(
+        metavar="[RECIPE]", help="Recipe with an ablation: section; default recipes/ablation.yaml (a CPU-sized protocol).")] = None,
+    components: Annotated[str, typer.Option(
+        "--components", help="Comma-separated components of the recipe's ablation: section, e.g. aug,late_interaction.")] = "",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated training seeds; the table shows mean ± std.")] = "0",
+    set_: SetOpt = None,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", help="Cluster profile clusters/NAME.yaml or a backend name (local, slurm, ray).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, even those done before.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the stage graph (each stage, its key, cached or to run); submit nothing.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="On a scheduler: queue the whole graph and return.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The paper's ablation in one command: the baseline, + each component, + all of them; each trained,
+    evaluated and compared in one table (terminal, MLflow parent run: table, description, bar chart).
+
+    Stages are keyed by what they read and the worker code: a rerun, or one more component, trains only
+    what is missing.
+
+    Example:  filipctl ablate --components aug,late_interaction --seeds 0,1,2
+    """
+    from pathlib import Path
+
+    from filipctl import ablation
+    from filipctl.provenance import SOURCE_ROOT
+
+    path = recipe
+    if path is None:
+        local = Path("recipes/ablation.yaml")
+        path = str(local if local.is_file() else SOURCE_ROOT / "recipes" / "ablation.yaml")
+    if cluster is not None and not cluster.strip():
+        raise UsageProblem("--cluster needs a profile name (clusters/NAME.yaml) or a backend: local, slurm, ray")
+    comps = [c.strip() for c in components.split(",") if c.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] or [0]
+    except ValueError:
+        raise UsageProblem(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    r = _load(path, set_, cluster)
+    console = err if as_json else out
+    result = ablation.run_ablation(r, path, comps, seed_list, console, force=force, detach=detach, dry_run=dry_run)
+    if result is None:
+        return
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
+    else:
+        out.print(ablation.rich_table(result["rows"], result["title"]))
+        out.print(f"MLflow run {result['run_id']} (table, description, chart); chart also at {result['chart']}",
+                  highlight=False, markup=False, soft_wrap=True)
+    if result["failed"]:
+        raise FilipctlError(f"settings with a failed variant: {', '.join(result['failed'])} "
+                            "(`filipctl status` and `filipctl logs` show why)")
+
+
+@app.command()
 def status(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=50000, help="How many recent runs.")] = 10,
     tracking_uri: UriOpt = None,

@@ -27,7 +27,7 @@ ENV_EVENTS = "FILIPCTL_EVENTS"  # JSON-lines file the CLI tails for progress bar
 JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS)
 
 # -- MLflow tags -------------------------------------------------------------------------------------
-TAG_KIND = "filipctl.kind"  # "pipeline" or "stage"
+TAG_KIND = "filipctl.kind"  # "pipeline" (a run), "ablation", "variant" (of an ablation) or "stage"
 TAG_RECIPE = "filipctl.recipe"
 TAG_RECIPE_PATH = "filipctl.recipe_path"
 TAG_BACKEND = "filipctl.backend"
@@ -40,18 +40,46 @@ TAG_FINGERPRINT = "filipctl.fingerprint"
 TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the storage path)
 TAG_RAY_STORAGE = "filipctl.ray_storage"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_VARIANT = "filipctl.variant"  # on a variant run of an ablation: its setting
+TAG_ABLATION = "filipctl.ablation"  # on a variant run: the run id of its ablation
+TAG_CACHED = "filipctl.cached"  # on a stage run: reused from an earlier run of the same key
+TAG_STAGE_KEY = "filipctl.stage_key"
 
 
-# -- the run folder ----------------------------------------------------------------------------------
+# -- the stage folder --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunDir:
-    """One folder per resolved recipe, shared by every stage of that recipe (and every rerun)."""
+    """One folder per stage and content key (filipctl/graph.py): what the stage reads and writes.
+
+    A rerun of the same stage (same key) finds its folder again: its checkpoints to resume from, or
+    its `done.json` when it completed, so it is not run twice. The stages it depends on are other
+    folders, named in `inputs.json`.
+    """
 
     root: Path
 
     @property
-    def recipe(self) -> Path:  # the resolved recipe, JSON, written by the CLI before any job starts
+    def recipe(self) -> Path:  # the resolved recipe, JSON, written by the CLI before the job starts
         return self.root / "recipe.json"
+
+    @property
+    def inputs_file(self) -> Path:  # {stage name: folder} of the stages this one reads from
+        return self.root / "inputs.json"
+
+    def input(self, stage: str) -> "RunDir":
+        """The folder of the stage `stage` this one depends on (itself when it has no inputs file)."""
+        import json
+
+        if not self.inputs_file.is_file():
+            return self
+        inputs = json.loads(self.inputs_file.read_text())
+        if stage not in inputs:
+            raise JobError(f"{self.inputs_file}: no {stage!r} input; the stage graph did not give one")
+        return RunDir(Path(inputs[stage]))
+
+    @property
+    def done(self) -> Path:  # written by the CLI when the stage completed: its key and metrics
+        return self.root / "done.json"
 
     @property
     def data_index(self) -> Path:  # the data stage's index of the shards every later stage reads

@@ -17,10 +17,13 @@ class StageJobRef:
     job_id: str
 
 
-def pipelines(client, experiment_id: str, max_results: int):
-    """Pipeline (parent) runs, newest first."""
-    return client.search_runs([experiment_id], f"tags.`{TAG_KIND}` = 'pipeline'",
-                              order_by=["attributes.start_time DESC"], max_results=max_results)
+def pipelines(client, experiment_id: str, max_results: int, kinds: tuple[str, ...] = ("pipeline",)):
+    """Runs of the given kinds (pipeline, ablation), newest first."""
+    # MLflow's filter language has no OR: one query per kind, merged.
+    runs = [r for kind in kinds for r in client.search_runs(
+        [experiment_id], f"tags.`{TAG_KIND}` = '{kind}'", order_by=["attributes.start_time DESC"],
+        max_results=max_results)]
+    return sorted(runs, key=lambda r: r.info.start_time, reverse=True)[:max_results]
 
 
 def stage_runs(client, parent):
@@ -34,7 +37,7 @@ def find_pipeline(client, experiment: str, ref: str | None):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise FilipctlError(f"no experiment {experiment!r} at {client.tracking_uri}")
-    runs = pipelines(client, exp.experiment_id, 500)
+    runs = pipelines(client, exp.experiment_id, 500, kinds=("pipeline", "ablation"))
     if ref:
         runs = [r for r in runs if r.info.run_id.startswith(ref) or r.info.run_name == ref]
     if not runs:
@@ -46,6 +49,12 @@ def find_pipeline(client, experiment: str, ref: str | None):
 
 
 def stage_jobs(client, parent) -> list[StageJobRef]:
-    return [StageJobRef(c.data.tags.get(TAG_STAGE, c.info.run_name), c.info.run_id, c.info.status,
-                        c.data.tags.get(TAG_BACKEND, ""), c.data.tags.get(TAG_JOB, ""))
-            for c in stage_runs(client, parent)]
+    """The stages of a pipeline; of an ablation, every variant's stages (a shared stage once)."""
+    refs: list[StageJobRef] = []
+    for c in stage_runs(client, parent):
+        if c.data.tags.get(TAG_KIND) == "variant":
+            refs += [r for r in stage_jobs(client, c) if not (r.job_id and any(r.job_id == x.job_id for x in refs))]
+            continue
+        refs.append(StageJobRef(c.data.tags.get(TAG_STAGE, c.info.run_name), c.info.run_id, c.info.status,
+                                c.data.tags.get(TAG_BACKEND, ""), c.data.tags.get(TAG_JOB, "")))
+    return refs

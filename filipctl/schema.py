@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 # The vocabulary of CLIP's BPE tokenizer (models/tokenizer.py; a test compares it with open_clip's).
@@ -341,6 +341,20 @@ class ClusterConfig(Section):
     ray: RayProfile = Field(default_factory=RayProfile)
 
 
+class AblationConfig(Section):
+    """`filipctl ablate`: variants of this recipe, each a named set of overrides (key.path: value, as --set)."""
+
+    baseline: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides every variant starts from (the paper's baseline: global loss, no augmentation).",
+    )
+    components: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named components, each the overrides that add it to the baseline; `ablate --components a,b` "
+        "trains the baseline, baseline + a, baseline + b and baseline + a + b.",
+    )
+
+
 class Recipe(Section):
     """A FILIP pretraining recipe: model, data, optimisation, training, eval, tracking, cluster."""
 
@@ -357,3 +371,38 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
+
+    @model_validator(mode="after")
+    def _ablation_overrides_make_valid_recipes(self) -> "Recipe":
+        """Each component (and the baseline) must give a valid recipe: a typo fails here, not mid-ablation."""
+        parts = {"baseline": self.ablation.baseline, **{f"components.{k}": v for k, v in self.ablation.components.items()}}
+        if not any(parts.values()):
+            return self
+        base = self.model_dump(mode="json", exclude={"ablation"})
+        for where, overrides in parts.items():
+            try:
+                Recipe.model_validate(apply_overrides(base, {**self.ablation.baseline, **overrides}))
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                raise ValueError(f"ablation.{where}: {'.'.join(map(str, e['loc']))}: {what}") from None
+        return self
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `data` with each `key.path: value` set (sections created as needed)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for path, value in overrides.items():
+        node = out
+        keys = str(path).split(".")
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                if key in node and node[key] is not None:
+                    raise ValueError(f"{path}: {key} is a value, not a section")
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return out

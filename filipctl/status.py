@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from filipctl.backends import JobState, get_backend
-from filipctl.contract import TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_RAY_RUN, TAG_RECIPE, TAG_STAGE
+from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_RAY_RUN, TAG_RECIPE,
+                               TAG_STAGE, TAG_VARIANT)
 from filipctl.runs import pipelines, stage_runs
 from filipctl.tracking import ACTIVE
 
@@ -68,20 +69,36 @@ def collect(client, experiment: str, limit: int, ask_scheduler: bool = True) -> 
     if exp is None:
         return []
     rows = []
-    for p in pipelines(client, exp.experiment_id, limit):
-        backend = p.data.tags.get(TAG_BACKEND, "")
-        stages = [_stage_row(c, backend, ask_scheduler, p.info.status in ACTIVE) for c in stage_runs(client, p)]
-        rows.append({
-            "name": p.info.run_name,
-            "run_id": p.info.run_id,
-            "recipe": p.data.tags.get(TAG_RECIPE, ""),
-            "backend": backend,
-            "state": p.info.status,
-            "started": datetime.fromtimestamp(p.info.start_time / 1000).isoformat(timespec="seconds"),
-            "duration_s": _duration(p.info.start_time, p.info.end_time),
-            "stages": stages,
-        })
+    for p in pipelines(client, exp.experiment_id, limit, kinds=("pipeline", "ablation")):
+        row = _run_row(p)
+        if p.data.tags.get(TAG_KIND) == "ablation":
+            row["variants"] = [_pipeline_row(client, v, ask_scheduler) for v in stage_runs(client, p)]
+        else:
+            row = _pipeline_row(client, p, ask_scheduler)
+        rows.append(row)
     return rows
+
+
+def _run_row(p) -> dict[str, Any]:
+    return {
+        "kind": p.data.tags.get(TAG_KIND, "pipeline"),
+        "name": p.info.run_name,
+        "run_id": p.info.run_id,
+        "recipe": p.data.tags.get(TAG_RECIPE, ""),
+        "backend": p.data.tags.get(TAG_BACKEND, ""),
+        "state": p.info.status,
+        "started": datetime.fromtimestamp(p.info.start_time / 1000).isoformat(timespec="seconds"),
+        "duration_s": _duration(p.info.start_time, p.info.end_time),
+    }
+
+
+def _pipeline_row(client, p, ask_scheduler: bool) -> dict[str, Any]:
+    backend = p.data.tags.get(TAG_BACKEND, "")
+    row = _run_row(p)
+    if p.data.tags.get(TAG_VARIANT):
+        row["variant"] = p.data.tags[TAG_VARIANT]
+    row["stages"] = [_stage_row(c, backend, ask_scheduler, p.info.status in ACTIVE) for c in stage_runs(client, p)]
+    return row
 
 
 def _pipeline_state(stages: list[dict[str, Any]]) -> str | None:
@@ -101,6 +118,13 @@ def corrections(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
     """
     fixes: list[tuple[dict[str, Any], str]] = []
     for r in rows:
+        if "variants" in r:  # an ablation ends when every variant has
+            fixes += corrections(r["variants"])
+            states = {**{id(v): v["state"] for v in r["variants"]}, **{id(row): s for row, s in fixes}}
+            variant_states = [{"state": states[id(v)]} for v in r["variants"]]
+            if r["state"] in ACTIVE and (final := _pipeline_state(variant_states)):
+                fixes.append((r, final))
+            continue
         after: list[dict[str, Any]] = []
         for s in r["stages"]:
             state = s["state"]
@@ -124,6 +148,13 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _variant_metric(v: dict[str, Any]) -> str:
+    last = v["stages"][-1] if v["stages"] else None
+    if not last or last["value"] is None:
+        return "-"
+    return f"{last['key_metric']}={last['value']:.4g}"
+
+
 def render(rows: list[dict[str, Any]]):
     from rich.markup import escape
     from rich.table import Table
@@ -134,9 +165,14 @@ def render(rows: list[dict[str, Any]]):
         table.add_column(col, overflow="fold")
     for r in rows:
         st = r["state"]
-        table.add_row(f"[bold]{escape(r['name'])}[/]", escape(r["recipe"]), r["backend"],
+        label = f"[bold]{escape(r['name'])}[/]" + (f" ({len(r['variants'])} variants)" if "variants" in r else "")
+        table.add_row(label, escape(r["recipe"]), r["backend"],
                       f"[{colour.get(st, 'white')}]{st}[/]", "", "", fmt_duration(r["duration_s"]))
-        for s in r["stages"]:
+        for v in r.get("variants", []):
+            vst = v["state"]
+            table.add_row(f"  ▸ {escape(v.get('variant', v['name']))}", "", "", f"[{colour.get(vst, 'white')}]{vst}[/]",
+                          "", _variant_metric(v), fmt_duration(v["duration_s"]))
+        for s in r.get("stages", []):
             value = "-" if s["value"] is None else f"{s['key_metric']}={s['value']:.4g}"
             state = f"[{colour.get(s['state'], 'white')}]{s['state']}[/]"
             if s["scheduler"]:

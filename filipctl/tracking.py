@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from filipctl.contract import TAG_BACKEND, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE
+from filipctl.contract import TAG_BACKEND, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE, TAG_WORKDIR
 from filipctl.errors import FilipctlError
 from filipctl.schema import TRACKING_SCHEMES
 
@@ -165,14 +166,19 @@ class Tracker:
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_pipeline(self, name: str, recipe: dict[str, Any], backend: str, tags: dict[str, str],
-                       recipe_yaml: str, versions: dict[str, str], description: str = "") -> str:
+    def start_run(self, name: str, kind: str, recipe: str, backend: str, tags: dict[str, str],
+                  description: str = "") -> str:
+        """A run of `kind` (pipeline, ablation); `description` is the markdown the MLflow UI shows."""
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            TAG_KIND: "pipeline", TAG_RECIPE: recipe["name"], TAG_BACKEND: backend,
-            "mlflow.source.name": "filipctl run", **({"mlflow.note.content": description} if description else {}),
-            **tags,
+            TAG_KIND: kind, TAG_RECIPE: recipe, TAG_BACKEND: backend, "mlflow.source.name": f"filipctl {kind}",
+            **({"mlflow.note.content": description} if description else {}), **tags,
         })
-        run_id = run.info.run_id
+        return run.info.run_id
+
+    def start_pipeline(self, name: str, recipe: dict[str, Any], backend: str, tags: dict[str, str],
+                       recipe_yaml: str, versions: dict[str, str], description: str = "", kind: str = "pipeline") -> str:
+        """A run of one recipe's stages (kind "variant" inside an ablation): params, recipe, versions."""
+        run_id = self.start_run(name, kind, recipe["name"], backend, tags, description)
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flatten(redact(recipe)).items()]
@@ -196,6 +202,21 @@ class Tracker:
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description in the MLflow UI."""
+        self.client.set_tag(run_id, "mlflow.note.content", markdown)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         if text:

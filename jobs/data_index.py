@@ -77,6 +77,17 @@ def count_shards(shards: list[str], progress: Callable[[int, int], None] | None 
     return counts
 
 
+def local_sizes(shards: list[str]) -> list[int | None]:
+    """Each local shard's size in bytes (None for remote ones): how a later run sees the data changed."""
+    import os
+
+    sizes: list[int | None] = []
+    for shard in shards:
+        path = shard.removeprefix("file://")
+        sizes.append(os.path.getsize(path) if "://" not in path and os.path.exists(path) else None)
+    return sizes
+
+
 def read_classnames(eval_shards: list[str]) -> list[str] | None:
     """clip_benchmark's classnames.txt (one name per line) in the held-out split's folder, if any."""
     folder = eval_shards[0].rsplit("/", 1)[0]
@@ -94,11 +105,11 @@ def build_index(data: "DataConfig", train_urls: list[tuple[str, float]],
     for url, weight in train_urls:
         shards = resolve_shards(url)
         counts = count_shards(shards, (lambda d, t, u=url: progress(u, d, t)) if progress else None)
-        train.append({"url": url, "weight": weight, "shards": shards, "counts": counts})
+        train.append({"url": url, "weight": weight, "shards": shards, "counts": counts, "sizes": local_sizes(shards)})
     held_out = None
     if data.eval is not None:
         shards = resolve_shards(data.eval)
-        held_out = {"url": data.eval, "shards": shards, "counts": count_shards(shards),
+        held_out = {"url": data.eval, "shards": shards, "counts": count_shards(shards), "sizes": local_sizes(shards),
                     "classnames": read_classnames(shards)}
     return {"train": train, "eval": held_out}
 

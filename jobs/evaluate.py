@@ -61,21 +61,21 @@ def zero_shot_accuracy(model: FILIP, img: Encoded, labels: list[int], classes: l
     return (pred == torch.tensor(labels)).float().mean().item()
 
 
-def load_model(recipe: Recipe, run_dir: RunDir) -> FILIP:
-    if not run_dir.model.is_file():
-        raise JobError(f"{run_dir.model} not found: run the pretrain stage first")
+def load_model(recipe: Recipe, pretrained: RunDir) -> FILIP:
+    if not pretrained.model.is_file():
+        raise JobError(f"{pretrained.model} not found: run the pretrain stage first")
     model = build_model(recipe.model)
-    model.load_state_dict(torch.load(run_dir.model, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(pretrained.model, map_location="cpu", weights_only=True))
     return model.eval()
 
 
 @torch.no_grad()
 def evaluate(recipe: Recipe, run_dir: RunDir) -> dict[str, float]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    held_out = load_index(run_dir)["eval"]
+    held_out = load_index(run_dir.input("data"))["eval"]
     if held_out is None:
         raise JobError("the recipe has no held-out split (data.eval is null): nothing to evaluate on")
-    model = load_model(recipe, run_dir)
+    model = load_model(recipe, run_dir.input("pretrain"))
     m, ev = recipe.model, recipe.eval
     classes = held_out["classnames"]
     images, captions, labels = eval_set(held_out["shards"], m.image.image_size, with_labels=bool(classes))

@@ -180,7 +180,8 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
                                                 "data restarts from the first epoch"))
     global_batch = cfg.micro_batch_size * info.world_size
     try:
-        batches = TrainBatches(recipe, sources_of(load_index(run_dir)), info.rank, info.world_size, data_state)
+        batches = TrainBatches(recipe, sources_of(load_index(run_dir.input("data"))), info.rank, info.world_size,
+                               data_state)
     except ValueError as exc:
         raise JobError(f"cannot resume the data where the checkpoint left it: {exc}; rerun with --fresh") from None
     loss_fn = FilipLoss.from_config(recipe.model)

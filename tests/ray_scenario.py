@@ -146,7 +146,7 @@ def main() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    runs = list((work / "runs").glob("smoke-*"))
+    runs = list((work / "runs").glob("stages/pretrain-*"))
     workdir = runs[0] if runs else work
     files = fs.find(f"{BUCKET}/ray")
     # Every byte filipctl wrote: run folder, MLflow store and artifacts, stdout/stderr, the S3 objects' names.

@@ -118,7 +118,7 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     deadline = time.time() + 300
     latest = None
     while time.time() < deadline and proc.poll() is None:
-        found = [p for p in runs.glob("smoke-*/checkpoints/latest") if "step10" in p.read_text()]
+        found = [p for p in runs.glob("stages/pretrain-*/checkpoints/latest") if "step10" in p.read_text()]
         if found:
             latest = found[0]
             break

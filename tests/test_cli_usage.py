@@ -174,7 +174,7 @@ BAD_INPUTS = {
                               "not an MLflow store"),
     "output_dir not writable": (lambda t: ["run", SMOKE, "--set", "output_dir=/proc/nope",
                                            "--set", f"tracking.uri=sqlite:///{t}/m.db"], 1,
-                                "the run folder /proc/nope"),
+                                "/proc/nope"),
     "limit too large": (lambda t: ["status", "--limit", "50001"], 2, "--limit"),
     "infinite timeout": (lambda t: ["status", "--tracking-timeout", "inf"], 2, "--tracking-timeout"),
 }

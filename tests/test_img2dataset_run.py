@@ -234,8 +234,9 @@ def test_img2dataset_shards_with_a_damaged_one_filtered_then_raw(tmp_path: Path,
     assert report["unreadable"] == 1
     assert len(report["errors"]) == 1 and f"{data.train}/00004.tar" in report["errors"][0]
 
-    (run_dir,) = (tmp_path / "runs-filtered").glob("smoke-*")
-    index = json.loads((run_dir / "data.json").read_text())
+    (data_dir,) = (tmp_path / "runs-filtered").glob("stages/data-*")
+    (run_dir,) = (tmp_path / "runs-filtered").glob("stages/pretrain-*")
+    index = json.loads((data_dir / "data.json").read_text())
     (source,) = index["train"]
     n_out = -(-expected_kept // 150)
     assert source["url"] == str(filtered_dir / "source0")
@@ -268,8 +269,9 @@ def test_img2dataset_shards_with_a_damaged_one_filtered_then_raw(tmp_path: Path,
     assert res.returncode == 0, res.stdout + res.stderr
     assert _listing(data.train, data.eval) == before
 
-    (run_dir,) = (tmp_path / "runs-raw").glob("smoke-*")
-    index = json.loads((run_dir / "data.json").read_text())
+    (data_dir,) = (tmp_path / "runs-raw").glob("stages/data-*")
+    (run_dir,) = (tmp_path / "runs-raw").glob("stages/pretrain-*")
+    index = json.loads((data_dir / "data.json").read_text())
     (source,) = index["train"]
     assert source["url"] == brace and source["weight"] == 1.0
     assert source["shards"] == [str(data.train / n) for n in shard_names]

@@ -126,7 +126,7 @@ def test_failed_stage_cancels_its_dependents(tmp_path: Path, smoke_overrides: li
     for stage in ("pretrain", "eval"):
         acct = wait_for(lambda: (a := sacct(ids[stage]))["state"] == "CANCELLED" and a, 60, f"{stage} cancelled")
         assert acct["start"] in ("None", "Unknown") or acct["start"] == acct["end"], acct  # it never ran
-    assert list((tmp_path / "runs").glob("*/model.pt")) == []
+    assert list((tmp_path / "runs").glob("stages/*/model.pt")) == []
 
 
 def test_requeued_pretraining_resumes_from_its_checkpoint(tmp_path: Path, smoke_overrides: list[str]) -> None:
@@ -136,7 +136,7 @@ def test_requeued_pretraining_resumes_from_its_checkpoint(tmp_path: Path, smoke_
     assert res.returncode == 0, res.stdout + res.stderr
     row = status_json(tmp_path)[0]
     ids = job_ids(row)
-    workdir = next((tmp_path / "runs").glob("smoke-*"))
+    workdir = next((tmp_path / "runs").glob("stages/pretrain-*"))
     latest = workdir / "checkpoints" / "latest"
     wait_for(lambda: latest.exists() and int(latest.read_text().strip().removeprefix("step")) >= 20, 240,
              "a checkpoint at step 20 or later")
