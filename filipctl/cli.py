@@ -202,10 +202,12 @@ def status(
     Slurm) and MLflow is corrected when the job has started or ended.
     """
     from filipctl import status as st
+    from filipctl.state import StateStore
     from filipctl.tracking import Tracker, open_store
 
     uri = _tracking_uri(tracking_uri, tracking_timeout)
-    rows = st.collect(open_store(uri), experiment, limit)
+    store = StateStore.open_for(uri)  # the index the control side keeps beside MLflow: no MLflow import
+    rows = st.collect_state(store, experiment, limit) if store else st.collect(open_store(uri), experiment, limit)
     fixes = st.corrections(rows)
     if fixes:
         st.record(fixes, Tracker(uri))

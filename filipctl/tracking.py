@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filipctl.contract import TAG_BACKEND, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE, TAG_WORKDIR
+from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE,
+                               TAG_VARIANT)
 from filipctl.errors import FilipctlError
 from filipctl.schema import TRACKING_SCHEMES
 
@@ -151,10 +152,14 @@ class Tracker:
     def __init__(self, uri: str, experiment: str | None = None) -> None:
         import mlflow
 
+        from filipctl.state import StateStore, path_for
+
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = open_store(uri)
+        self.experiment = experiment or ""
         self.experiment_id = self._experiment(experiment) if experiment else None
+        self.state = StateStore(path_for(uri))  # the index `filipctl status` reads without MLflow
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -173,6 +178,8 @@ class Tracker:
             TAG_KIND: kind, TAG_RECIPE: recipe, TAG_BACKEND: backend, "mlflow.source.name": f"filipctl {kind}",
             **({"mlflow.note.content": description} if description else {}), **tags,
         })
+        self.state.add_run(run.info.run_id, self.experiment, kind, name, recipe, backend,
+                           parent=tags.get(TAG_PARENT, ""), variant=tags.get(TAG_VARIANT, ""))
         return run.info.run_id
 
     def start_pipeline(self, name: str, recipe: dict[str, Any], backend: str, tags: dict[str, str],
@@ -198,10 +205,13 @@ class Tracker:
         })
         # Queued until its job is seen running.
         self.client.update_run(run.info.run_id, status="SCHEDULED")
+        self.state.add_stage(run.info.run_id, parent_id, stage, key_metric)
         return run.info.run_id
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
+        if key == TAG_JOB:
+            self.state.set_stage(run_id, job_id=value)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -210,6 +220,7 @@ class Tracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+        self.state.set_metrics(run_id, metrics)
 
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -224,12 +235,17 @@ class Tracker:
 
     def running(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
+        self.state.set_state(run_id, "RUNNING", ended=False)
 
     def end(self, run_id: str, status: str) -> None:
         """status: FINISHED, FAILED or KILLED."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal run state: {status}")
         self.client.set_terminated(run_id, status=status)
+        self.state.set_state(run_id, status, ended=True)
 
     def metrics(self, run_id: str) -> dict[str, float]:
-        return dict(self.client.get_run(run_id).data.metrics)
+        """What the run's job logged (read from MLflow; its key metric is kept in the state index too)."""
+        metrics = dict(self.client.get_run(run_id).data.metrics)
+        self.state.set_metrics(run_id, metrics)
+        return metrics

@@ -103,6 +103,20 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     assert [s["stage"] for s in rows[0]["stages"]] == ["data", "pretrain", "eval"]
     table = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert "pretrain" in table.stdout and "FINISHED" in table.stdout and "zeroshot_top1" in table.stdout
+    # status reads the state index the run kept beside the store: the same rows, without importing MLflow.
+    probe = ("import json, sys\n"
+             f"sys.argv = ['filipctl', 'status', '--json', '--tracking-uri', 'sqlite:///{tmp_path / 'mlflow.db'}']\n"
+             "from filipctl.cli import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr)\n")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "MLFLOW False" in res.stderr, res.stderr
+    fast = json.loads(res.stdout)
+    from filipctl.status import collect
+
+    from_mlflow = collect(client, "filip", 10)
+    assert [(r["run_id"], r["state"], [(s["stage"], s["state"], s["value"]) for s in r["stages"]]) for r in fast] == \
+        [(r["run_id"], r["state"], [(s["stage"], s["state"], s["value"]) for s in r["stages"]]) for r in from_mlflow]
 
     # 3. A longer recipe with 2 loader workers per rank, interrupted (Ctrl-C) after its first checkpoint ...
     longer = [*smoke_overrides, "--set", "train.steps=40", "--set", "data.loader_workers=2",

@@ -93,7 +93,7 @@ def test_unreachable_cluster_or_too_many_workers_fails_fast(tmp_path: Path, sets
 
 def test_detach_is_refused_without_a_scheduler(tmp_path: Path) -> None:
     res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), "--cluster", "ray", "--detach", cwd=tmp_path)
-    assert res.returncode == 1 and "--detach needs a scheduler" in res.stderr, res.stderr
+    assert res.returncode == 2 and "--detach needs a scheduler" in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []
 
 
