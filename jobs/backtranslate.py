@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 
-from jobs.shards import ShardWriter, caption, count_samples, expand_urls, iter_samples, metadata
+from jobs.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, iter_samples, metadata
 
 ALT_CAPTIONS = "alt_captions"
 MAX_ERRORS_REPORTED = 100
@@ -92,14 +92,7 @@ def backtranslate_shards(
               for lang, (fwd, back) in pivots.items()}
     total = count_samples(urls)
 
-    errors: list[str] = []
-    unreadable = 0
-
-    def on_error(url: str, exc: Exception) -> None:
-        nonlocal unreadable
-        unreadable += 1
-        if len(errors) < MAX_ERRORS_REPORTED:
-            errors.append(f"{url}: {type(exc).__name__}: {exc}")
+    on_error = ErrorLog(MAX_ERRORS_REPORTED)
 
     n_in = 0
     batch: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
@@ -139,10 +132,10 @@ def backtranslate_shards(
     report = {
         "input": n_in,
         "written": writer.written,
-        "unreadable": unreadable,
+        "unreadable": on_error.count,
         "pivots": {lang: list(pair) for lang, pair in pivots.items()},
         "shards": writer.pattern(),
-        "errors": errors,
+        "errors": on_error.messages,
     }
     fs, root = fsspec.core.url_to_fs(output_url)
     with fs.open(f"{root.rstrip('/')}/backtranslate_report.json", "w") as f:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 
-from jobs.shards import ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
+from jobs.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
 
 RULES: tuple[str, ...] = ("min_side", "aspect", "meaningless", "language", "repeated")
 MAX_ERRORS_REPORTED = 100
@@ -195,14 +195,7 @@ def filter_shards(
     if "repeated" in rules.enabled:
         repeats, total = _count_captions(urls)
 
-    errors: list[str] = []
-    unreadable = 0
-
-    def on_error(url: str, exc: Exception) -> None:
-        nonlocal unreadable
-        unreadable += 1
-        if len(errors) < MAX_ERRORS_REPORTED:
-            errors.append(f"{url}: {type(exc).__name__}: {exc}")
+    on_error = ErrorLog(MAX_ERRORS_REPORTED)
 
     dropped = {r: 0 for r in RULES if r in rules.enabled}
     n_in = kept = 0
@@ -226,10 +219,10 @@ def filter_shards(
         "input": n_in,
         "kept": kept,
         "dropped": dropped,
-        "unreadable": unreadable,
+        "unreadable": on_error.count,
         "rules": rules.to_dict(),
         "shards": writer.pattern(),
-        "errors": errors,
+        "errors": on_error.messages,
     }
     fs, root = fsspec.core.url_to_fs(output_url)
     with fs.open(f"{root.rstrip('/')}/filter_report.json", "w") as f:

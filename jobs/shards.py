@@ -123,6 +123,20 @@ def _iter_shard(url: str, on_error: OnError) -> Iterator[dict[str, Any]]:
         yield current
 
 
+class ErrorLog:
+    """An `on_error` for the shard tools: counts every damaged shard or sample, keeps the first messages."""
+
+    def __init__(self, keep: int = 100) -> None:
+        self.count = 0
+        self.messages: list[str] = []
+        self.keep = keep
+
+    def __call__(self, url: str, exc: Exception) -> None:
+        self.count += 1
+        if len(self.messages) < self.keep:
+            self.messages.append(f"{url}: {type(exc).__name__}: {exc}")
+
+
 def iter_samples(urls: str | Iterable[str], *, on_error: OnError) -> Iterator[dict[str, Any]]:
     """Every sample of the shards, in order: {"__key__", "__url__", ext: raw bytes, ...}.
 

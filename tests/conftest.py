@@ -37,3 +37,14 @@ def smoke_overrides(tmp_path: Path) -> list[str]:
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> list[str]:
+    """--set arguments for the ablation tests: tiny step counts and sample sets, every output under tmp_path."""
+    sets = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2, "optim.warmup_steps": 1,
+            "data.synthetic.train_samples": 200, "data.synthetic.eval_samples": 40,
+            "data.synthetic.samples_per_shard": 100, "data.train": tmp_path / "data" / "train",
+            "data.eval": tmp_path / "data" / "eval", "output_dir": tmp_path / "runs",
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]

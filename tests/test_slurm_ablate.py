@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.slurm_util import my_queue, sacct, slurm_cluster, wait_for  # noqa: F401 (slurm_cluster: autouse)
 
 pytestmark = pytest.mark.slow
 
@@ -25,49 +25,6 @@ COMPONENTS = "late_interaction,broken"
 OK = ("baseline", "+late_interaction")
 FAILED = ("+broken", "+late_interaction+broken")
 SETTINGS = (*OK, *FAILED)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster() -> None:
-    res = subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh")], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"the test cluster did not come up:\n{res.stderr}"
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> list[str]:
-    """As tests/test_ablate.py: tiny step counts and sample sets, every output under tmp_path."""
-    sets = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2, "optim.warmup_steps": 1,
-            "data.synthetic.train_samples": 200, "data.synthetic.eval_samples": 40,
-            "data.synthetic.samples_per_shard": 100, "data.train": tmp_path / "data" / "train",
-            "data.eval": tmp_path / "data" / "eval", "output_dir": tmp_path / "runs",
-            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
-
-
-def sacct(job: str) -> dict[str, str]:
-    """State, submit, start, end of a job (allocation only), from Slurm's accounting."""
-    res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,Submit,Start,End", "-j", job],
-                         capture_output=True, text=True, check=True)
-    lines = res.stdout.strip().splitlines()
-    if not lines:  # slurmdbd records a fresh submission a moment later
-        return {"state": "", "submit": "", "start": "", "end": ""}
-    state, submit, start, end = lines[0].split("|")
-    return {"state": state.split()[0], "submit": submit, "start": start, "end": end}
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def my_queue() -> list[str]:
-    res = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True)
-    return [ln for ln in res.stdout.splitlines() if "filip-" in ln]
 
 
 def never_ran(acct: dict[str, str]) -> bool:
