@@ -257,13 +257,13 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    """Hash of what determines the trained weights: same fingerprint -> same output folder -> resume.
+    """Hash of what determines the trained weights, tagged on every pipeline run (filipctl.fingerprint).
 
-    Tracking, cluster and eval settings are left out: moving a run to another cluster or
-    tracking server must not restart its training.
+    Tracking, cluster and eval settings are left out, as they are from the stages' content keys
+    (filipctl/graph.py), which decide what is reused.
     """
     d = recipe_to_dict(recipe)
-    for key in ("tracking", "cluster", "eval", "description", "output_dir"):
+    for key in ("tracking", "cluster", "eval", "description", "output_dir", "ablation"):
         d.pop(key, None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -363,7 +363,8 @@ class Recipe(Section):
                       "'.', '_', '+', '-'.")
     description: str = Field("", description="Free text: `filipctl recipe validate` prints it and it becomes the "
                              "MLflow run's description.")
-    output_dir: str = Field("runs", description="Where checkpoints and job outputs go (one folder per resolved recipe).")
+    output_dir: str = Field("runs", description="Where stages write: stages/<stage>-<content key>/ (checkpoints, "
+                            "model.pt, logs), ablations/<run id>/ (tables, charts).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
