@@ -167,9 +167,9 @@ def ablate(
         path = str(local if local.is_file() else SOURCE_ROOT / "recipes" / "ablation.yaml")
     if cluster is not None and not cluster.strip():
         raise UsageProblem("--cluster needs a profile name (clusters/NAME.yaml) or a backend: local, slurm, ray")
-    comps = [c.strip() for c in components.split(",") if c.strip()]
+    comps = list(dict.fromkeys(c.strip() for c in components.split(",") if c.strip()))
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()] or [0]
+        seed_list = list(dict.fromkeys(int(s) for s in seeds.split(",") if s.strip())) or [0]
     except ValueError:
         raise UsageProblem(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     r = _load(path, set_, cluster)
