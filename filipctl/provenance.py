@@ -27,10 +27,19 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    """python, platform, the thread settings a job inherits, and every installed distribution's version
+    (the main ones first), read from package metadata: nothing is imported."""
+    import os
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": str(os.cpu_count()),
+           **{k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = dist.metadata["Name"]
+        if name and name not in out:
+            out[name] = dist.version
     return out

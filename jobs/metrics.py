@@ -36,6 +36,10 @@ class StageLogger:
         if self._client:
             self._client.log_artifact(self.run_id, path, artifact_path)
 
+    def text(self, text: str, artifact_file: str) -> None:
+        if self._client:
+            self._client.log_text(self.run_id, text, artifact_file)
+
     def tags(self, values: dict[str, str]) -> None:
         if self._client:
             for k, v in values.items():

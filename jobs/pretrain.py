@@ -188,6 +188,11 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
     logger = StageLogger(info.is_main)
     if info.is_main and not start:
         logger.metrics({"peak_lr": peak_lr(recipe.optim.base_lr, global_batch), "global_batch": global_batch})
+    if info.is_main:  # what a rerun must match to be bitwise identical, besides the recipe and the code
+        logger.tags({"filipctl.world_size": str(info.world_size), "filipctl.torch_threads": str(torch.get_num_threads()),
+                     "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
+                     "filipctl.device": str(info.device)})
+        logger.text(json.dumps(deepspeed_config(recipe), indent=1), "deepspeed_config.json")
     _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {global_batch} "
                f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"{loss_fn.describe()}")

@@ -91,7 +91,10 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     losses = client.get_metric_history(pre.info.run_id, "loss")
     assert [m.step for m in losses] == [5, 10, 15, 20]
     assert all(m.value == m.value for m in losses)  # finite, logged per step
-    assert "model" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert {"model", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert pre.data.tags["filipctl.world_size"] == "2" and pre.data.tags["filipctl.torch_threads"] == "1"
+    versions = json.loads(Path(client.download_artifacts(parent.info.run_id, "versions.json", str(tmp_path))).read_text())
+    assert versions["torch"] == "2.14.1" and "mlflow" in versions and len(versions) > 100  # every distribution
     ev = by_stage["eval"].data.metrics
     assert 0.0 <= ev["zeroshot_top1"] <= 1.0 and "t2i_R10" in ev
 
