@@ -49,6 +49,22 @@ def check_store(uri: str, timeout_s: float, must_exist: bool) -> None:
         _check_server(uri, timeout_s)
     elif uri.startswith("sqlite:///"):
         _check_sqlite(uri, must_exist)
+    else:
+        _check_driver(uri)
+
+
+# A database store needs its SQLAlchemy driver; MLflow would fail with a traceback deep inside.
+DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql"), "mssql": ("pyodbc",)}
+
+
+def _check_driver(uri: str) -> None:
+    import importlib.util
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0]
+    modules = DRIVERS.get(scheme)
+    if modules and not any(importlib.util.find_spec(m) for m in modules):
+        raise FilipctlError(f"tracking store {uri.split('@')[-1]}: no {scheme} driver is installed "
+                            f"(pip install {modules[0].lower()}), or use sqlite:///PATH/mlflow.db")
 
 
 def _check_server(uri: str, timeout_s: float) -> None:
