@@ -105,9 +105,6 @@ class Graph:
     variants: dict[str, dict[str, str]]  # variant -> {stage name: key}
     recipes: dict[str, Recipe]
 
-    def deps_of(self, node: Node) -> list[Node]:
-        return [self.nodes[k] for k in node.deps.values()]
-
     def dependents(self, key: str) -> list[Node]:
         """Every node that reads from `key`, directly or through others."""
         out: list[Node] = []

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from jobs.shards import caption, image_key, iter_samples, metadata
+from jobs.shards import ErrorLog, caption, image_key, iter_samples, metadata
 from models.tokenizer import tokenize
 
 if TYPE_CHECKING:
@@ -344,19 +344,19 @@ class TrainBatches:
                 "next": (self.rotation + self.served) % self.slots, "read": self.read, "skipped": self.skipped}
 
 
-def eval_samples(shards: list[str], problems: list[str]) -> Iterator[dict[str, Any]]:
-    """The held-out split's samples in order (unreadable ones are named in `problems`)."""
-    return iter_samples(shards, on_error=lambda url, exc: problems.append(f"{url}: {exc}"))
-
-
 def eval_set(shards: list[str], image_size: int, with_labels: bool) -> tuple[Tensor, list[str], list[int]]:
-    """The whole held-out split in order: images [N,3,H,W], captions, class labels (json 'label')."""
+    """The whole held-out split in order: images [N,3,H,W], captions, class labels (json 'label').
+
+    Damaged shards are named in the job's log; the evaluation goes on with what could be read.
+    """
     transform = image_transform(image_size, augment=False)
     images, captions, labels = [], [], []
-    problems: list[str] = []
-    for sample in eval_samples(shards, problems):
+    problems = ErrorLog()
+    for sample in iter_samples(shards, on_error=problems):
         images.append(transform(decode_image(sample)))
         captions.append(caption(sample))
         if with_labels:
             labels.append(int(metadata(sample)["label"]))
+    for message in problems.messages:
+        print(f"skipped (held-out split): {message}", flush=True)
     return torch.stack(images), captions, labels
