@@ -119,6 +119,13 @@ class RunDir:
         return self.logs / f"{stage}.job.json"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a run-folder file so that a reader never sees it half-written (write aside, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 # -- the worker command line -------------------------------------------------------------------------
 def worker_argv(python: str, module: str, run_dir: RunDir) -> list[str]:
     """`python -m MODULE --workdir DIR`: how every backend starts a job module (once per process)."""

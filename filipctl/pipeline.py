@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from filipctl import provenance, tracking
 from filipctl.backends import Backend, JobRequest, JobState, get_backend
 from filipctl.contract import (TAG_ABLATION, TAG_CACHED, TAG_CLUSTER, TAG_FINGERPRINT, TAG_JOB, TAG_PARENT,
-                               TAG_RECIPE_PATH, TAG_STAGE_KEY, TAG_VARIANT, TAG_WORKDIR, job_env)
+                               TAG_RECIPE_PATH, TAG_STAGE_KEY, TAG_VARIANT, TAG_WORKDIR, job_env, write_atomic)
 from filipctl.errors import FilipctlError
 from filipctl.graph import Graph, Node, build_graph
 from filipctl.recipes import recipe_fingerprint, recipe_to_dict
@@ -61,12 +61,6 @@ class PipelineResult:
     workdir: Path
     metrics: dict[str, dict[str, float]]
     duration_s: float
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class _EventTail:
@@ -226,9 +220,9 @@ class GraphRun:
                     shutil.rmtree(node.run_dir.root)
                 node.run_dir.logs.mkdir(parents=True, exist_ok=True)
                 node.run_dir.done.unlink(missing_ok=True)
-                _write_atomic(node.run_dir.recipe, json.dumps(recipe_to_dict(node.recipe), indent=1))
+                write_atomic(node.run_dir.recipe, json.dumps(recipe_to_dict(node.recipe), indent=1))
                 inputs = {name: str(self.graph.nodes[key].run_dir.root) for name, key in node.deps.items()}
-                _write_atomic(node.run_dir.inputs_file, json.dumps(inputs, indent=1))
+                write_atomic(node.run_dir.inputs_file, json.dumps(inputs, indent=1))
         except OSError as exc:
             raise FilipctlError(f"cannot write the run folder under {self.first.output_dir}: "
                                 f"{exc.strerror or exc}; set output_dir to a writable folder") from None
@@ -312,7 +306,7 @@ class GraphRun:
             for run in runs:
                 self.tracker.end(run, "FINISHED")
             self.done_ids[node.key] = uuid.uuid4().hex
-            _write_atomic(node.run_dir.done, json.dumps({
+            write_atomic(node.run_dir.done, json.dumps({
                 "key": node.key, "id": self.done_ids[node.key], "stage": node.stage.name, "metrics": metrics,
                 "inputs": {k: self.done_ids[k] for k in node.deps.values()}, "mlflow_run": runs[0],
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -68,7 +68,7 @@ def filter_sources(data: DataConfig, logger: StageLogger) -> list[tuple[str, flo
              + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()), stage="data")
         logger.metrics({f"filter_source{i}_kept": report["kept"], f"filter_source{i}_input": report["input"],
                         **{f"filter_source{i}_dropped_{k}": v for k, v in report["dropped"].items()}})
-        logger.artifact(_local_report(out, report), f"filter/source{i}")
+        logger.text(json.dumps(report, indent=1), f"filter/source{i}/filter_report.json")
         filtered.append((out, source.weight))
     return filtered
 
@@ -92,15 +92,6 @@ def _write_report(out: str, report: dict[str, Any]) -> None:
 
     with fsspec.open(_report_url(out), "w") as f:
         json.dump(report, f, indent=1)
-
-
-def _local_report(out: str, report: dict[str, Any]) -> str:
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp(prefix="filip-filter-")) / "filter_report.json"
-    path.write_text(json.dumps(report, indent=1))
-    return str(path)
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:

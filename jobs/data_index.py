@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 
-from filipctl.contract import JobError, RunDir
+from filipctl.contract import JobError, RunDir, write_atomic
 from jobs.shards import count_samples, expand_urls, iter_samples
 
 if TYPE_CHECKING:
@@ -115,9 +115,7 @@ def build_index(data: "DataConfig", train_urls: list[tuple[str, float]],
 
 
 def write_index(run_dir: RunDir, index: dict[str, Any]) -> None:
-    tmp = run_dir.data_index.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(run_dir.data_index)
+    write_atomic(run_dir.data_index, json.dumps(index, indent=1))
 
 
 def load_index(run_dir: RunDir) -> dict[str, Any]:
