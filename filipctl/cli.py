@@ -114,19 +114,10 @@ def run(
         return
     ev = result.metrics.get("eval")
     if ev:
-        from rich.table import Table
+        from filipctl.eval_report import tables
 
-        t = Table(title="held-out eval", caption=f"{int(ev.get('eval_pairs', 0))} pairs", header_style="bold")
-        t.add_column("metric")
-        t.add_column("value", justify="right")
-        t.add_column("chance", justify="right")
-        for k, v in ev.items():
-            if k.startswith("chance") or k == "eval_pairs":
-                continue
-            chance = ev.get("chance_zeroshot_top1") if k.startswith("zeroshot") else (
-                ev.get("chance_R1", 0) * int(k.split("R")[-1]) if "_R" in k else None)
-            t.add_row(k, f"{v:.3f}", "-" if chance is None else f"{chance:.3f}")
-        out.print(t)
+        for t in tables(ev):
+            out.print(t)
     m, s = divmod(int(result.duration_s), 60)
     out.print(f"done in {m}m{s:02d}s. MLflow run {result.parent_run_id}")
     out.print(f"open the MLflow UI:  {tracking.ui_command(result.tracking_uri)}", highlight=False, soft_wrap=True)
@@ -218,6 +209,65 @@ def status(
         out.print(f"no filipctl runs in experiment {experiment!r} at {uri}", markup=False, highlight=False)
         return
     out.print(st.render(rows))
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(
+        metavar="RUN_OR_CHECKPOINT",
+        help="What to evaluate: an MLflow run id (a prefix is enough) or name of a finished run or ablation "
+             "variant, its pretrain stage folder, or a model.pt file.")],
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        "--dataset", "-d", metavar="URL",
+        help="An evaluation set in clip_benchmark's WebDataset layout (a folder or fsspec URL holding "
+             "classnames.txt / dataset_type.txt and test/0.tar ...). Repeatable; replaces eval.datasets.")] = None,
+    held_out: Annotated[Optional[bool], typer.Option(
+        "--held-out/--no-held-out", help="Also evaluate on the run's held-out split (default: the recipe's "
+        "eval.held_out, when the run has one).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", metavar="RECIPE", help="The recipe that built a model.pt with no recipe.json beside it.")] = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Evaluate again even when this stage was done before.")] = False,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = "filip",
+    tracking_timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a finished run or a checkpoint without retraining: zero-shot classification, retrieval,
+    linear probe and word-patch alignment maps, written as clip_benchmark result JSON.
+
+    Runs as an eval stage of its own, tracked in MLflow and cached by checkpoint and sets: the same command again reuses it.
+
+    Examples:
+
+      filipctl eval 3f2a --dataset s3://bench/wds_cifar10 --dataset data/wds_flickr30k
+
+      filipctl eval runs/stages/pretrain-0123abcd/model.pt --no-held-out -d data/wds_cifar10
+    """
+    from filipctl import evaluation
+
+    sets = list(set_ or [])
+    if tracking_uri:
+        sets.append(f"tracking.uri={tracking_uri}")
+    sets.append(f"tracking.experiment={experiment}")
+    source = evaluation.resolve(target, tracking_uri, experiment, tracking_timeout)
+    r = evaluation.eval_recipe(source, recipe, sets, dataset or [], held_out)
+    console = err if as_json else out
+    result = evaluation.run_eval(source, r, console, force=force)
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, "folder": str(result.folder), "cached": result.cached,
+                          "metrics": result.metrics, "results": result.results}, indent=1))
+        return
+    from filipctl.eval_report import tables
+
+    for t in tables(result.metrics):
+        out.print(t)
+    out.print(f"clip_benchmark results: {result.folder / 'results'}", highlight=False, markup=False, soft_wrap=True)
+    if (result.folder / "alignment").is_dir():
+        out.print(f"word-patch alignment maps: {result.folder / 'alignment'}", highlight=False, markup=False,
+                  soft_wrap=True)
+    out.print(f"{'cached' if result.cached else 'done'} in {result.duration_s:.0f}s. MLflow run {result.run_id}",
+              highlight=False)
 
 
 @app.command()

@@ -119,6 +119,17 @@ class RunDir:
         return self.logs / f"{stage}.job.json"
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB pieces: the identity of a checkpoint (eval keys, results)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a run-folder file so that a reader never sees it half-written (write aside, then rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -64,6 +64,7 @@ class Node:
     deps: dict[str, str]  # stage name -> key of the node it reads from
     run_dir: RunDir
     variants: list[str] = field(default_factory=list)
+    external: dict[str, str] = field(default_factory=dict)  # inputs from outside the graph: name -> folder or file
 
     @property
     def name(self) -> str:
@@ -135,3 +136,17 @@ def build_graph(variants: dict[str, Recipe], output_root: Path, code: str | None
             keys[stage.name] = key
         by_variant[variant] = keys
     return Graph(nodes, by_variant, dict(variants))
+
+
+def external_graph(stage: Stage, recipe: Recipe, inputs: dict[str, tuple[str, str]], output_root: Path,
+                   code: str | None = None) -> Graph:
+    """A graph of one stage whose inputs already exist outside any graph (`filipctl eval` of a checkpoint).
+
+    inputs: name -> (path, identity): the identity (a content digest) enters the key in place of a
+    dependency's key, so the same checkpoint and settings find the stage done before.
+    """
+    code = code or code_digest()
+    key = stage_key(stage.name, recipe, {name: identity for name, (_, identity) in inputs.items()}, code)
+    node = Node(key, stage, recipe, {}, RunDir(output_root / "stages" / f"{stage.name}-{key}"), [""],
+                {name: path for name, (path, _) in inputs.items()})
+    return Graph({key: node}, {"": {stage.name: key}}, {"": recipe})

@@ -109,7 +109,9 @@ def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
         update["eval"] = _absolute(data.eval)
     if data.filter is not None:
         update["filter"] = data.filter.model_copy(update={"output": _absolute(data.filter.output)})
+    sets = [d.model_copy(update={"url": _absolute(d.url)}) for d in recipe.eval.datasets]
     recipe = recipe.model_copy(update={"data": data.model_copy(update=update),
+                                       "eval": recipe.eval.model_copy(update={"datasets": sets}),
                                        "output_dir": str(Path(recipe.output_dir).resolve())})
     if recipe.cluster.backend == "local":
         return recipe
@@ -155,13 +157,16 @@ def _request(backend: Backend, node: Node, after: tuple[str, ...] = (), env: dic
 class GraphRun:
     """One `filipctl run` or `filipctl ablate`: its graph, backend, MLflow runs and the jobs submitted so far."""
 
-    def __init__(self, variants: dict[str, Recipe], console: Console, force: bool = False) -> None:
+    def __init__(self, variants: dict[str, Recipe], console: Console, force: bool = False,
+                 graph: Graph | None = None, label: str = "", tags: dict[str, str] | None = None) -> None:
         self.console = console
         self.recipes = {v: align_to_cluster(r, console) for v, r in variants.items()}
         first = next(iter(self.recipes.values()))
         self.first = first
         self.backend = get_backend(first.cluster.backend, first.cluster)
-        self.graph: Graph = build_graph(self.recipes, Path(first.output_dir))
+        self.graph: Graph = graph or build_graph(self.recipes, Path(first.output_dir))
+        self.label = label  # in the pipeline run's name: "eval" for `filipctl eval`
+        self.tags = tags or {}
         self.force = force
         self.tracker: tracking.Tracker | None = None
         self.top = ""  # the MLflow run a person opens: the pipeline, or the ablation
@@ -221,7 +226,8 @@ class GraphRun:
                 node.run_dir.logs.mkdir(parents=True, exist_ok=True)
                 node.run_dir.done.unlink(missing_ok=True)
                 write_atomic(node.run_dir.recipe, json.dumps(recipe_to_dict(node.recipe), indent=1))
-                inputs = {name: str(self.graph.nodes[key].run_dir.root) for name, key in node.deps.items()}
+                inputs = {**node.external,
+                          **{name: str(self.graph.nodes[key].run_dir.root) for name, key in node.deps.items()}}
                 write_atomic(node.run_dir.inputs_file, json.dumps(inputs, indent=1))
         except OSError as exc:
             raise FilipctlError(f"cannot write the run folder under {self.first.output_dir}: "
@@ -242,9 +248,9 @@ class GraphRun:
                                               description=ablation.get("description", ""))
         for variant, recipe in self.recipes.items():
             keys = self.graph.variants[variant]
-            name = f"{recipe.name}-{variant}-{stamp}" if variant else f"{recipe.name}-{stamp}"
-            tags = {**common, TAG_WORKDIR: str(self.graph.nodes[keys['pretrain']].run_dir.root),
-                    TAG_FINGERPRINT: recipe_fingerprint(recipe)}
+            name = "-".join(x for x in (recipe.name, self.label, variant, stamp) if x)
+            workdir = self.graph.nodes[keys.get("pretrain") or list(keys.values())[-1]].run_dir.root
+            tags = {**common, **self.tags, TAG_WORKDIR: str(workdir), TAG_FINGERPRINT: recipe_fingerprint(recipe)}
             if ablation is not None:
                 tags.update({TAG_VARIANT: variant, TAG_ABLATION: self.top, TAG_PARENT: self.top})
             run = self.tracker.start_pipeline(

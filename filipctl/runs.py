@@ -32,12 +32,12 @@ def stage_runs(client, parent):
                               order_by=["attributes.start_time ASC"])
 
 
-def find_pipeline(client, experiment: str, ref: str | None):
-    """The newest pipeline run whose id starts with `ref` or whose name is `ref` (the newest of all when None)."""
+def find_pipeline(client, experiment: str, ref: str | None, kinds: tuple[str, ...] = ("pipeline", "ablation")):
+    """The newest run of `kinds` whose id starts with `ref` or whose name is `ref` (the newest of all when None)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise FilipctlError(f"no experiment {experiment!r} at {client.tracking_uri}")
-    runs = pipelines(client, exp.experiment_id, 500, kinds=("pipeline", "ablation"))
+    runs = pipelines(client, exp.experiment_id, 500, kinds=kinds)
     if ref:
         runs = [r for r in runs if r.info.run_id.startswith(ref) or r.info.run_name == ref]
     if not runs:

@@ -230,15 +230,37 @@ class TrainConfig(Section):
         return self.micro_batch_size * self.workers
 
 
+class EvalDataset(Section):
+    """An evaluation set in clip_benchmark's WebDataset layout (what `clip_benchmark_export_wds` writes).
+
+    URL/classnames.txt, URL/zeroshot_classification_templates.txt ('{c}' marks the class name),
+    URL/dataset_type.txt ('retrieval'; absent = classification) and URL/SPLIT/{0..n-1}.tar with
+    URL/SPLIT/nshards.txt; each sample holds an image (webp, png, jpg) and its class (.cls) or its
+    captions (.txt, one per line).
+    """
+
+    url: str = Field(min_length=1, description="Folder of the set: a path or any fsspec URL (s3://, https://, ...).")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                             description="Name in metrics and result files; null = the folder's last part.")
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$", description="Split to evaluate on.")
+    linear_probe: bool = Field(True, description="Also fit a linear probe when the set is for classification and "
+                               "has a 'train' split (CLIP's protocol: logistic regression, C chosen on validation).")
+
+
 class EvalConfig(Section):
-    """Zero-shot classification (prompt ensemble) and image<->text retrieval on the held-out split."""
+    """Evaluation of a pretrained model: zero-shot classification (prompt ensemble), image<->text retrieval,
+    linear probe and word-patch alignment, on the held-out split and on the sets in `datasets`."""
 
     enabled: bool = Field(True, description="Run the eval stage after pretraining.")
-    batch_size: int = Field(100, gt=0, description="Images/texts per forward pass.")
+    held_out: bool = Field(True, description="Evaluate on the pretraining data's held-out split (when data.eval is set).")
+    datasets: list[EvalDataset] = Field(default_factory=list,
+                                        description="Benchmark sets in clip_benchmark's WebDataset layout.")
+    batch_size: int = Field(100, gt=0, description="Images/texts per forward pass, and rows per scoring block.")
     prefixes: list[str] = Field(
         default_factory=lambda: ["a photo of a", "a picture of a", "an image of a"],
         min_length=1,
-        description="Prompt prefixes; each prompt is '{prefix} {label}. {suffix}'.",
+        description="Prompt prefixes; each prompt is '{prefix} {label}. {suffix}' (sets without their own "
+        "zeroshot_classification_templates.txt).",
     )
     suffixes: list[str] = Field(
         default_factory=lambda: ["", "I like it.", "It is easy to see."],
@@ -247,6 +269,25 @@ class EvalConfig(Section):
     )
     recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10], min_length=1,
                                                          description="Retrieval R@K.")
+    probe_features: Literal["auto", "pooled", "mean_tokens"] = Field(
+        "auto", description="Image features for the linear probe: the pooled [CLS] vector, the mean of the "
+        "unit-norm tokens, or auto = what the interaction trains (pooled for global, mean_tokens for late).")
+    probe_val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the train split held out to choose "
+                                      "the probe's regularisation when the set has no 'val' split.")
+    alignment_images: int = Field(8, ge=0, le=1000, description="Images per set drawn as word-patch alignment "
+                                  "maps (PNG artifacts); 0 = none.")
+    seed: int = Field(0, description="Seed of the probe's validation split and solver.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalConfig":
+        seen: set[str] = {"held_out"}
+        for d in self.datasets:
+            name = d.name or d.url.rstrip("/").rsplit("/", 1)[-1]
+            if name in seen:
+                raise ValueError(f"two evaluation sets are named {name!r} (held_out is the held-out split's); "
+                                 "give each entry of eval.datasets its own name")
+            seen.add(name)
+        return self
 
 
 class TrackingConfig(Section):

@@ -29,7 +29,8 @@ def plan(recipe: Recipe) -> list[Stage]:
         Stage("pretrain", "jobs.pretrain", processes=recipe.train.workers, distributed=True,
               after=("data",), key_metric="final_loss"),
     ]
-    if recipe.eval.enabled and recipe.data.eval is not None:
+    ev = recipe.eval
+    if ev.enabled and ((ev.held_out and recipe.data.eval is not None) or ev.datasets):
         stages.append(Stage("eval", "jobs.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
     return stages
 

@@ -121,6 +121,44 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     assert [(r["run_id"], r["state"], [(s["stage"], s["state"], s["value"]) for s in r["stages"]]) for r in fast] == \
         [(r["run_id"], r["state"], [(s["stage"], s["state"], s["value"]) for s in r["stages"]]) for r in from_mlflow]
 
+    # 2b. `filipctl eval` on the finished run, without retraining: clip_benchmark JSON per set and task.
+    from tests.benchmark_sets import classification_set, retrieval_set
+
+    classification_set(tmp_path / "bench" / "wds_cls", {"train": 48, "test": 24}, templates=["a photo of a {c}."])
+    retrieval_set(tmp_path / "bench" / "wds_ret", 16, captions_per_image=3)
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    res = run_cli("eval", parent.info.run_id[:8], "-d", "bench/wds_cls", "-d", str(tmp_path / "bench" / "wds_ret"),
+                  *uri, "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert not report["cached"]
+    files = sorted(p.name for p in (Path(report["folder"]) / "results").glob("*.json"))
+    tasks = {(r["dataset"], r["task"]) for r in report["results"]}
+    assert tasks == {("held_out", "zeroshot_retrieval"), ("held_out", "zeroshot_classification"),
+                     ("held_out", "word_patch_pointing"), ("wds_cls", "zeroshot_classification"),
+                     ("wds_cls", "linear_probe"), ("wds_ret", "zeroshot_retrieval")}
+    for r in report["results"]:
+        assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"}  # clip_benchmark's dump
+        assert f"{r['dataset']}_{r['pretrained']}_{r['model']}_en_{r['task']}.json" in files
+    ret = next(r["metrics"] for r in report["results"] if r["dataset"] == "wds_ret")
+    assert set(ret) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    # The same checkpoint and code: the held-out figures equal those of the run's own eval stage.
+    assert {k: report["metrics"][k] for k in ev if k in report["metrics"]} == {k: v for k, v in ev.items()
+                                                                                  if k in report["metrics"]}
+    eval_run = client.get_run(report["run_id"])
+    assert eval_run.info.status == "FINISHED" and eval_run.data.tags["filipctl.evaluated"] == parent.info.run_id
+    stage_run = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{report['run_id']}'")[0]
+    logged = {a.path for a in client.list_artifacts(stage_run.info.run_id, "clip_benchmark")}
+    assert {f"clip_benchmark/{f}" for f in files} == logged
+    assert len(client.list_artifacts(stage_run.info.run_id, "alignment/held_out")) == 8
+    assert stage_run.data.metrics["wds_cls.lp_acc1"] == next(
+        r["metrics"]["lp_acc1"] for r in report["results"] if r["task"] == "linear_probe")
+    again = run_cli("eval", parent.info.run_id[:8], "-d", "bench/wds_cls", "-d", str(tmp_path / "bench" / "wds_ret"),
+                    *uri, cwd=tmp_path)
+    assert again.returncode == 0 and "cached" in again.stdout and "eval: wds_ret" in again.stdout, again.stdout
+    missing = run_cli("eval", parent.info.run_id[:8], "-d", "bench/nope", *uri, cwd=tmp_path)
+    assert missing.returncode != 0 and "bench/nope" in missing.stderr and "Traceback" not in missing.stderr
+
     # 3. A longer recipe with 2 loader workers per rank, interrupted (Ctrl-C) after its first checkpoint ...
     longer = [*smoke_overrides, "--set", "train.steps=40", "--set", "data.loader_workers=2",
               "--set", "data.synthetic.samples_per_shard=100", "--set", "data.augment=true",

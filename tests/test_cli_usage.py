@@ -40,6 +40,9 @@ USAGE_ERRORS = {
     "data filter: missing argument": (["data", "filter", "in/"], "Missing argument 'OUTPUT'"),
     "data backtranslate: missing option": (["data", "backtranslate", "in/", "out/"], "Missing option '--pivot'"),
     "data: unknown subcommand": (["data", "filtr"], "No such command 'filtr'"),
+    "eval: missing argument": (["eval"], "Missing argument 'RUN_OR_CHECKPOINT'"),
+    "eval: missing value": (["eval", "run1", "--dataset"], "'--dataset' requires an argument"),
+    "eval: unknown option": (["eval", "run1", "--bogus"], "No such option: --bogus"),
 }
 
 
@@ -110,6 +113,11 @@ def test_recipe_that_is_not_utf8_gets_one_line(tmp_path: Path) -> None:
 def _write(path: Path, text: str | bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def _mkdir(path: Path) -> str:
+    path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
@@ -184,6 +192,20 @@ BAD_INPUTS = {
     "ablation override of an unknown key": (lambda t: ["recipe", "validate", SMOKE, "--set",
                                                        "ablation.components={x: {model.interactio: late}}"], 2,
                                             "ablation.components.x: model.interactio: unknown key"),
+    "eval a checkpoint that is not there": (lambda t: ["eval", str(t / "nope.pt")], 1, "no such file or folder"),
+    "eval a folder without model.pt": (lambda t: ["eval", str(t)], 1, "holds no model.pt"),
+    "eval a model.pt with no recipe": (lambda t: ["eval", _write(t / "m.pt", b"x"), "-d", str(t)], 1,
+                                       "--recipe RECIPE.yaml"),
+    "eval a file that is no state dict": (lambda t: ["eval", _write(t / "m.pt", b"x"), "--recipe", SMOKE, "-d",
+                                                     str(t), "--set", f"tracking.uri=sqlite:///{t}/m.db"], 1,
+                                          "is not a model.pt state dict"),
+    "eval a set that is not there": (lambda t: ["eval", _write(t / "m.pt", b"x"), "--recipe", SMOKE, "-d",
+                                                str(t / "wds_nope")], 1, "wds_nope: no such folder"),
+    "eval two sets of one name": (lambda t: ["eval", _write(t / "m.pt", b"x"), "--recipe", SMOKE, "-d",
+                                             _mkdir(t / "a" / "wds"), "-d", _mkdir(t / "b" / "wds")], 1,
+                                  "two evaluation sets are named 'wds'"),
+    "eval a run id in an empty experiment": (lambda t: ["eval", "0123abcd", "--tracking-uri",
+                                                        f"sqlite:///{_write(t / 'e.db', b'')}"], 1, "not an MLflow store"),
     "limit too large": (lambda t: ["status", "--limit", "50001"], 2, "--limit"),
     "infinite timeout": (lambda t: ["status", "--tracking-timeout", "inf"], 2, "--tracking-timeout"),
 }

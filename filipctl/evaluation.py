@@ -1,0 +1,171 @@
+"""`filipctl eval`: evaluate a finished run or a checkpoint without retraining, as a stage of its own.
+
+The eval stage's key hashes the weights file's content, the data index it reads (for the held-out
+split), the recipe's model and eval sections and the worker code: the same checkpoint evaluated
+on the same sets again is found done and reused; another set, another checkpoint or a change to
+the evaluation code is a new stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from filipctl.contract import TAG_KIND, TAG_WORKDIR, RunDir, file_sha256
+from filipctl.errors import FilipctlError
+from filipctl.schema import EvalDataset, Recipe
+
+
+@dataclass
+class Source:
+    """What is evaluated: the weights, the recipe that built them and the data stage they came with."""
+
+    weights: Path
+    recipe_file: Path | None  # the stage's recipe.json (None: --recipe gives the recipe)
+    data_dir: Path | None  # the data stage folder (held-out split), when known
+    described: str  # for the tags and the console: the run id or the path given
+
+
+def _data_of(stage_dir: Path) -> Path | None:
+    try:
+        data = json.loads((stage_dir / "inputs.json").read_text()).get("data")
+    except (OSError, ValueError):
+        return None
+    return Path(data) if data and (Path(data) / "data.json").is_file() else None
+
+
+def _from_folder(folder: Path, described: str) -> Source:
+    rd = RunDir(folder)
+    if not rd.model.is_file():
+        raise FilipctlError(f"{folder} holds no model.pt: give a pretrain stage folder of a finished run, a model.pt "
+                            "file, or an MLflow run id (`filipctl status` lists them)")
+    return Source(rd.model, rd.recipe if rd.recipe.is_file() else None, _data_of(folder), described)
+
+
+def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: float) -> Source:
+    """RUN_OR_CHECKPOINT -> Source: a weights file, a pretrain stage folder, or an MLflow run id (prefix) or name."""
+    path = Path(target).expanduser()
+    if path.is_file():
+        parent = RunDir(path.parent)
+        return Source(path, parent.recipe if parent.recipe.is_file() else None, _data_of(path.parent), str(path))
+    if path.is_dir():
+        return _from_folder(path, str(path))
+    if "/" in target or target.endswith(".pt"):
+        raise FilipctlError(f"{target}: no such file or folder")
+    from filipctl import tracking
+    from filipctl.runs import find_pipeline
+
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_store(uri, timeout_s, must_exist=True)
+    client = tracking.open_store(uri)
+    run = find_pipeline(client, experiment, target, kinds=("pipeline", "variant"))
+    workdir = run.data.tags.get(TAG_WORKDIR)
+    if not workdir:
+        raise FilipctlError(f"run {run.info.run_name} ({run.info.run_id[:8]}) records no stage folder "
+                            f"(tag {TAG_WORKDIR}); give its model.pt instead")
+    if run.data.tags.get(TAG_KIND) == "pipeline" and not (Path(workdir) / "model.pt").is_file():
+        raise FilipctlError(f"run {run.info.run_name}: {workdir}/model.pt is missing (the run did not finish "
+                            "pretraining, or its folder was moved or deleted)")
+    return _from_folder(Path(workdir), run.info.run_id)
+
+
+def eval_recipe(source: Source, recipe_path: str | None, sets: list[str], datasets: list[str],
+                held_out: bool | None) -> Recipe:
+    """The recipe of the evaluated run with --set applied; --dataset replaces eval.datasets."""
+    from filipctl.recipes import load_recipe
+
+    path = recipe_path or source.recipe_file
+    if path is None:
+        raise FilipctlError(f"{source.weights}: no recipe.json beside it; give the recipe that built it: "
+                            "--recipe RECIPE.yaml")
+    for url in datasets:
+        if "://" not in url and not Path(url).expanduser().is_dir():
+            raise FilipctlError(f"--dataset {url}: no such folder (an evaluation set is a folder in clip_benchmark's "
+                                "layout: classnames.txt or dataset_type.txt, and test/0.tar ...)")
+    recipe = load_recipe(path, sets)
+    ev = recipe.eval
+    update: dict[str, Any] = {"enabled": True}
+    if datasets:
+        update["datasets"] = [EvalDataset(url=u) for u in datasets]
+    if held_out is not None:
+        update["held_out"] = held_out
+    if update.get("held_out", ev.held_out) and (recipe.data.eval is None or source.data_dir is None):
+        update["held_out"] = False  # no data stage to read it from: only the given sets
+    try:
+        return recipe.model_copy(update={"eval": ev.model_validate({**ev.model_dump(), **{
+            k: ([d.model_dump() for d in v] if k == "datasets" else v) for k, v in update.items()}})})
+    except ValueError as exc:
+        raise FilipctlError(f"--dataset: {' '.join(str(exc).split())}") from None
+
+
+def check_weights(weights: Path, recipe: Recipe) -> None:
+    """The file is a state dict of this recipe's model (its projections' shapes), checked before anything is
+    submitted; memory-mapped, so a large checkpoint is not read whole."""
+    import torch
+
+    state = None
+    for mmap in (True, False):  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as exc:
+            why = type(exc).__name__
+    if state is None:
+        raise FilipctlError(f"{weights} is not a model.pt state dict torch can load ({why}); give the model.pt a "
+                            "pretrain stage wrote, or a file saved with torch.save(model.state_dict())")
+    m = recipe.model
+    expected = {"image_proj.weight": (m.embed_dim, m.image.width), "text_proj.weight": (m.embed_dim, m.text.width)}
+    for name, shape in expected.items():
+        got = tuple(state[name].shape) if isinstance(state, dict) and name in state else None
+        if got != shape:
+            raise FilipctlError(f"{weights} does not hold weights of recipe {recipe.name}'s model ({name} is "
+                                f"{got or 'missing'}, the recipe makes {shape}); give the recipe that built it: "
+                                "--recipe RECIPE.yaml")
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    folder: Path
+    metrics: dict[str, float]
+    results: list[dict[str, Any]]
+    cached: bool
+    duration_s: float
+
+
+def run_eval(source: Source, recipe: Recipe, console: Console, force: bool = False) -> EvalResult:
+    from filipctl.graph import external_graph
+    from filipctl.pipeline import GraphRun, align_to_cluster, run_graph
+    from filipctl.stages import Stage, find_stage
+
+    t0 = time.time()
+    ev = recipe.eval
+    if not ev.datasets and not ev.held_out:
+        raise FilipctlError("nothing to evaluate: give --dataset URL (clip_benchmark layout), or evaluate a run "
+                            "whose data stage has a held-out split")
+    check_weights(source.weights, recipe)
+    recipe = align_to_cluster(recipe, Console(quiet=True))
+    stage: Stage = find_stage(recipe, "eval")
+    inputs = {"pretrain": (str(source.weights.resolve()), "weights:" + file_sha256(source.weights)[:16])}
+    if ev.held_out and source.data_dir is not None:
+        index = RunDir(source.data_dir).data_index
+        inputs["data"] = (str(source.data_dir.resolve()), "data:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16])
+    graph = external_graph(stage, recipe, inputs, Path(recipe.output_dir))
+    run = GraphRun({"": recipe}, console, force=force, graph=graph, label="eval",
+                   tags={"filipctl.evaluated": source.described})
+    uri = run.preflight()
+    run_graph(run, uri, "(filipctl eval)", detach=False)
+    failed = run.failure()
+    if failed:
+        raise failed
+    node = next(iter(graph.nodes.values()))
+    results = [json.loads(p.read_text()) for p in sorted((node.run_dir.root / "results").glob("*.json"))]
+    outcome = run.outcomes[node.key]
+    return EvalResult(run.top, node.run_dir.root, outcome.metrics, results, outcome.state == "cached",
+                      time.time() - t0)

@@ -1,0 +1,223 @@
+"""Evaluation figures against independent computations: plain loops over full score matrices, sklearn directly.
+
+The feature files, block scoring, readers of both layouts and the probe's C search are filipctl's;
+every expected number here is computed another way (the reference late interaction that
+materialises every token pair, python loops over sorted scores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from filipctl.contract import JobError
+from jobs import alignment
+from jobs.eval_features import FeatureFile
+from jobs.eval_metrics import class_scores, classification, retrieval
+from jobs.eval_sets import batches, held_out_set, open_benchmark
+from jobs.linear_probe import linear_probe
+from jobs.shards import ErrorLog
+from models.filip import Encoded
+from models.interaction import global_similarity, late_interaction
+from tests.benchmark_sets import classification_set, retrieval_set, write_split
+
+
+def _encoded(n: int, tokens: int, d: int, seed: int, pad: bool = False) -> Encoded:
+    g = torch.Generator().manual_seed(seed)
+    t = F.normalize(torch.randn(n, tokens, d, generator=g), dim=-1)
+    mask = torch.ones(n, tokens, dtype=torch.bool)
+    if pad:  # captions of different lengths
+        for i in range(n):
+            mask[i, 2 + i % (tokens - 2):] = False
+    return Encoded(t, mask, t[:, 0])
+
+
+def _file(tmp: Path, name: str, enc: Encoded, batch: int = 7) -> FeatureFile:
+    f = FeatureFile(tmp, name)
+    for i in range(0, len(enc.tokens), batch):
+        f.append(Encoded(enc.tokens[i : i + batch], enc.mask[i : i + batch], enc.pooled[i : i + batch]))
+    return f.close()
+
+
+def _full_scores(img: Encoded, txt: Encoded, interaction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if interaction == "late":
+        return late_interaction(img.tokens, txt.tokens, img.mask, txt.mask)
+    return global_similarity(img.pooled, txt.pooled)
+
+
+@pytest.mark.parametrize("interaction", ["late", "global"])
+def test_retrieval_with_several_captions_per_image_matches_a_plain_loop(tmp_path: Path, interaction: str) -> None:
+    n_img = 23
+    per_image = [5 if i % 4 else 1 for i in range(n_img)]  # mostly 5 captions, some images with one
+    owners = [i for i, n in enumerate(per_image) for _ in range(n)]
+    img = _encoded(n_img, 9, 16, seed=1)
+    txt = _encoded(len(owners), 6, 16, seed=2, pad=True)
+    # Make the task learnable-looking: each caption leans towards its image so recalls are not all tiny.
+    txt = Encoded(F.normalize(txt.tokens + 0.6 * img.tokens[owners, :6], dim=-1), txt.mask,
+                  F.normalize(txt.pooled + 0.6 * img.pooled[owners], dim=-1))
+    got = retrieval(_file(tmp_path, "i", img), _file(tmp_path, "t", txt), torch.tensor(owners), interaction,
+                    memory_mb=0.01, block=5, ks=[1, 5, 10])
+
+    s_i2t, s_t2i = _full_scores(img, txt, interaction)  # [N_img, N_txt]
+    expected = {}
+    for k in (1, 5, 10):
+        hits = 0  # image -> text: at least one of the image's captions among its k best texts
+        for i in range(n_img):
+            order = sorted(range(len(owners)), key=lambda j: -float(s_i2t[i, j]))
+            hits += any(owners[j] == i for j in order[:k])
+        expected[f"text_retrieval_recall@{k}"] = hits / n_img
+        hits = 0  # text -> image: the caption's image among its k best images
+        for j in range(len(owners)):
+            order = sorted(range(n_img), key=lambda i: -float(s_t2i[i, j]))
+            hits += owners[j] in order[:k]
+        expected[f"image_retrieval_recall@{k}"] = hits / len(owners)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key  # float32 mean of counts
+    assert 0 < expected["text_retrieval_recall@1"] < 1  # neither trivial nor impossible
+
+
+@pytest.mark.parametrize("interaction", ["late", "global"])
+def test_zero_shot_prompt_ensemble_matches_a_plain_loop(tmp_path: Path, interaction: str) -> None:
+    n_img, n_classes, n_templates = 31, 7, 3
+    img = _encoded(n_img, 9, 16, seed=3)
+    prompts = _encoded(n_classes * n_templates, 6, 16, seed=4, pad=True)  # template-major
+    labels = torch.tensor([i % n_classes for i in range(n_img)])
+    scores = class_scores(_file(tmp_path, "i", img), _file(tmp_path, "p", prompts), n_classes, interaction,
+                          memory_mb=0.01, block=4)
+    s_i2t, _ = _full_scores(img, prompts, interaction)
+    for i in range(n_img):
+        for c in range(n_classes):
+            mean = sum(float(s_i2t[i, t * n_classes + c]) for t in range(n_templates)) / n_templates
+            assert float(scores[i, c]) == pytest.approx(mean, abs=1e-5)
+    got = classification(scores, labels)
+    top1 = top5 = 0
+    recall_per_class: dict[int, list[int]] = {}
+    for i in range(n_img):
+        order = sorted(range(n_classes), key=lambda c: -float(scores[i, c]))
+        top1 += order[0] == labels[i]
+        top5 += int(labels[i]) in order[:5]
+        recall_per_class.setdefault(int(labels[i]), []).append(int(order[0] == labels[i]))
+    assert got["acc1"] == pytest.approx(top1 / n_img)
+    assert got["acc5"] == pytest.approx(top5 / n_img)
+    assert got["mean_per_class_recall"] == pytest.approx(np.mean([np.mean(v) for v in recall_per_class.values()]))
+    assert classification(scores[:, :4], labels.clamp(max=3))["acc5"] is None  # under 5 classes, as clip_benchmark
+
+
+def test_linear_probe_picks_the_best_validated_c_and_scores_like_sklearn() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 10))
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 6, n)
+        return centres[y] + 1.5 * rng.normal(size=(n, 10)), y
+    train_x, train_y = draw(150)
+    val_x, val_y = draw(60)
+    test_x, test_y = draw(90)
+    got = linear_probe(train_x, train_y, test_x, test_y, val_x, val_y, seed=0)
+    # The chosen C is at least as good on validation as every C of the coarse grid.
+    for c in np.logspace(-6, 6, 7):
+        acc = (LogisticRegression(C=c, max_iter=1000, random_state=0).fit(train_x, train_y).predict(val_x) == val_y).mean()
+        assert got["val_acc1"] >= acc - 1e-12
+    final = LogisticRegression(C=got["C"], max_iter=1000, random_state=0).fit(np.concatenate([train_x, val_x]),
+                                                                             np.concatenate([train_y, val_y]))
+    pred = final.predict(test_x)
+    assert got["lp_acc1"] == pytest.approx((pred == test_y).mean())
+    per_class = [np.mean(pred[test_y == c] == c) for c in np.unique(test_y)]
+    assert got["lp_mean_per_class_recall"] == pytest.approx(np.mean(per_class))
+    assert got["lp_acc1"] > 0.5  # separable enough to be learnt: the figure is not noise
+
+
+def test_clip_benchmark_layouts_are_read_as_written(tmp_path: Path) -> None:
+    classes = classification_set(tmp_path / "cls", {"train": 20, "test": 11}, fmt="webp",
+                                 templates=["a photo of a {c}.", "art of the {c}."], per_shard=4)
+    ds = open_benchmark(str(tmp_path / "cls"), None, "test", linear_probe=True)
+    assert ds.name == "cls" and ds.classnames == classes and ds.templates == ["a photo of a {c}.", "art of the {c}."]
+    assert ds.linear_probe and set(ds.splits) == {"test", "train"} and len(ds.splits["test"]) == 3
+    problems = ErrorLog()
+    got = [b for b in batches(ds, "test", 32, 4, problems)]
+    labels = [label for b in got for label in b.labels]
+    from jobs.synthetic import make_sample
+    assert labels == [make_sample(7, "test", i, 64, 2)[2]["label"] for i in range(11)]
+    assert [b.images.shape[0] for b in got] == [4, 4, 3] and got[0].images.shape[1:] == (3, 32, 32)
+
+    caps = retrieval_set(tmp_path / "ret", 9, captions_per_image=3, fmt="png", per_shard=5)
+    (tmp_path / "ret" / "test" / "nshards.txt").unlink()  # without nshards.txt: every .tar of the split
+    ret = open_benchmark(str(tmp_path / "ret"), "flickr_like", "test", linear_probe=True)
+    assert ret.kind == "retrieval" and ret.captions and not ret.linear_probe and ret.name == "flickr_like"
+    read = [c for b in batches(ret, "test", 32, 4, ErrorLog()) for c in b.captions]
+    assert read == caps and all(len(c) == 3 for c in read)
+
+
+def test_bad_sets_are_named_with_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(JobError, match=r"no split 'test' at .*nothing/test"):
+        open_benchmark(str(tmp_path / "nothing"), None, "test", True)
+    root = tmp_path / "nonames"
+    write_split(root / "test", [{"png": b"x", "cls": b"0"}], 4)
+    with pytest.raises(JobError, match="classnames.txt is missing"):
+        open_benchmark(str(root), None, "test", True)
+    (root / "classnames.txt").write_text("cat\ndog\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a cat\n")
+    with pytest.raises(JobError, match=r"template 'a photo of a cat' .* has no '\{c\}'"):
+        open_benchmark(str(root), None, "test", True)
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with pytest.raises(JobError, match="multilabel sets are not supported"):
+        open_benchmark(str(root), None, "test", True)
+    # A sample whose class is out of range, and one that is not an image: counted and named, the rest read.
+    bad = tmp_path / "bad"
+    classification_set(bad, {"test": 3}, per_shard=8)
+    ok = (bad / "test" / "0.tar").read_bytes()
+    write_split(bad / "test", [{"png": b"not an image", "cls": b"1"}, {"webp": b"", "cls": b"99"}], 8)
+    (bad / "test" / "1.tar").write_bytes(ok)
+    (bad / "test" / "nshards.txt").write_text("2\n")
+    problems = ErrorLog()
+    labels = [x for b in batches(open_benchmark(str(bad), None, "test", False), "test", 32, 8, problems) for x in b.labels]
+    assert len(labels) == 3 and problems.count == 2
+
+
+def test_pointing_hits_when_the_word_matches_a_patch_in_the_box() -> None:
+    grid, size, d = 4, 64, 8
+    centres = alignment.patch_centres(grid, size)
+    image = F.normalize(torch.randn(1 + grid * grid, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    prompt = F.normalize(torch.randn(5, d, generator=torch.Generator().manual_seed(1)), dim=-1)
+    prompt[2] = image[1 + 5]  # the colour word is patch 5 (row 1, col 1: centre (24, 24))
+    prompt[3] = image[1 + 15]  # the shape word is patch 15 (row 3, col 3: centre (56, 56))
+    p = alignment.Pointing()
+    p.add(image, prompt, {"colour": 2, "shape": 3}, [16, 16, 32, 32], [[48, 48, 64, 64]], centres)
+    m = p.metrics()
+    assert m["pointing_colour"] == 1.0 and m["pointing_shape"] == 0.0 and m["pointing_acc"] == 0.5
+    assert m["pointing_on_any_object"] == 1.0  # the shape word pointed at the other object
+    assert m["pointing_chance"] == pytest.approx(1 / 16)  # one patch centre of 16 inside the box
+
+
+def test_word_positions_in_a_prompt() -> None:
+    from models.tokenizer import tokenize
+
+    ids = tokenize(["a photo of a purple triangle."], 32)[0]
+    words = alignment.token_strings(ids, 32)
+    assert words[0] == "<start>" and words[-1] == "<end>"
+    assert words[alignment.word_position(ids, "purple", 32)] == "purple"
+    assert words[alignment.word_position(ids, "triangle", 32)] == "triangle"
+    assert alignment.word_position(ids, "circle", 32) is None
+
+
+def test_held_out_split_reads_captions_labels_and_boxes(tmp_path: Path) -> None:
+    from filipctl.schema import SyntheticData
+    from jobs.data_index import read_classnames, resolve_shards
+    from jobs.synthetic import generate
+
+    generate(str(tmp_path / "train"), str(tmp_path / "eval"), SyntheticData(train_samples=4, eval_samples=6,
+             samples_per_shard=4, image_size=32, max_objects=2, seed=3))
+    shards = resolve_shards(str(tmp_path / "eval"))
+    ds = held_out_set({"url": str(tmp_path / "eval"), "shards": shards, "classnames": read_classnames(shards)})
+    got = list(batches(ds, "test", 32, 4, ErrorLog(), keep_raw=2))
+    assert sum(len(b.captions) for b in got) == 6 and all(len(c) == 1 for b in got for c in b.captions)
+    assert len(got[0].raw) == 2 and not got[1].raw
+    assert all(o["box"] for b in got for m in b.meta for o in m["objects"])
+    assert json.loads(json.dumps(got[0].labels)) == got[0].labels
