@@ -44,6 +44,9 @@ TAG_VARIANT = "filipctl.variant"  # on a variant run of an ablation: its setting
 TAG_ABLATION = "filipctl.ablation"  # on a variant run: the run id of its ablation
 TAG_CACHED = "filipctl.cached"  # on a stage run: reused from an earlier run of the same key
 TAG_STAGE_KEY = "filipctl.stage_key"
+TAG_DATA_DIGEST = "filipctl.data_digest"  # sha256 of the data index: every shard's URL and digest (jobs/data_index.py)
+TAG_PATCH_DIGEST = "filipctl.git_patch_sha256"  # of the uncommitted changes logged as source.patch ("" = none)
+TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) that entered the stage keys
 
 
 # -- the stage folder --------------------------------------------------------------------------------

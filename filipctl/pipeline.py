@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -29,10 +30,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from filipctl import provenance, tracking
 from filipctl.backends import Backend, JobRequest, JobState, get_backend
-from filipctl.contract import (TAG_ABLATION, TAG_CACHED, TAG_CLUSTER, TAG_FINGERPRINT, TAG_JOB, TAG_PARENT,
-                               TAG_RECIPE_PATH, TAG_STAGE_KEY, TAG_VARIANT, TAG_WORKDIR, job_env, write_atomic)
+from filipctl.contract import (TAG_ABLATION, TAG_CACHED, TAG_CLUSTER, TAG_CODE_DIGEST, TAG_DATA_DIGEST,
+                               TAG_FINGERPRINT, TAG_JOB, TAG_PARENT, TAG_PATCH_DIGEST, TAG_RECIPE_PATH, TAG_STAGE_KEY,
+                               TAG_VARIANT, TAG_WORKDIR, job_env, write_atomic)
 from filipctl.errors import FilipctlError
-from filipctl.graph import Graph, Node, build_graph
+from filipctl.graph import Graph, Node, build_graph, code_digest
 from filipctl.recipes import recipe_fingerprint, recipe_to_dict
 from filipctl.schema import Recipe
 
@@ -238,8 +240,10 @@ class GraphRun:
         self.tracker = tracking.Tracker(uri, self.first.tracking.experiment)
         git = provenance.git_state()
         versions = provenance.package_versions()
+        patch = provenance.source_patch()  # untracked new files count too: they may be code the jobs import
         common = {**{f"filipctl.{k}": v for k, v in git.items()}, "mlflow.source.git.commit": git["git_commit"],
-                  TAG_RECIPE_PATH: recipe_path, TAG_CLUSTER: self.first.cluster.name}
+                  TAG_RECIPE_PATH: recipe_path, TAG_CLUSTER: self.first.cluster.name, TAG_CODE_DIGEST: code_digest(),
+                  TAG_PATCH_DIGEST: hashlib.sha256(patch.encode()).hexdigest()[:16] if patch else ""}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if ablation is not None:
             self.top = self.tracker.start_run(f"{self.first.name}-ablation-{stamp}", kind="ablation",
@@ -259,6 +263,8 @@ class GraphRun:
                 versions=versions, kind="variant" if ablation is not None else "pipeline")
             self.variant_runs[variant] = run
             self.top = self.top or run
+            if patch:  # `filipctl reproduce` applies it on a worktree at the commit
+                self.tracker.log_text(run, patch, "source.patch")
             for stage_name, key in keys.items():
                 node = self.graph.nodes[key]
                 self.stage_runs[(variant, key)] = self.tracker.start_stage(run, stage_name, recipe.name,
@@ -283,6 +289,7 @@ class GraphRun:
             self.tracker.end(run, "FINISHED")
         self.outcomes[node.key] = Outcome("cached", record.get("metrics", {}))
         self.done_ids[node.key] = record["id"]
+        self.record_data(node)
         self.console.print(f"  [{node.stage.name}] cached: {node.name} (done {record.get('finished', '?')})",
                            highlight=False, markup=False)
 
@@ -317,12 +324,33 @@ class GraphRun:
                 "inputs": {k: self.done_ids[k] for k in node.deps.values()}, "mlflow_run": runs[0],
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
             self.outcomes[node.key] = Outcome("completed", metrics)
+            self.record_data(node)
             return
         for run in runs:
             self.tracker.end(run, "KILLED" if state is JobState.CANCELLED else "FAILED")
         self.outcomes[node.key] = Outcome("cancelled" if state is JobState.CANCELLED else "failed", log=log)
         for dependent in self.graph.dependents(node.key):  # only what reads from it goes down with it
             self.skip(dependent)
+
+    def record_data(self, node: Node) -> None:
+        """What a data stage indexed, on each of its variants' runs: MLflow dataset inputs (train, eval) named by
+        their URL with the content digest of every shard (jobs/data_index.py), and the digest as a tag."""
+        if node.stage.name != "data":
+            return
+        try:
+            index = json.loads(node.run_dir.data_index.read_text())
+        except (OSError, ValueError):
+            return
+        if "digest" not in index:  # an index written before digests were kept
+            return
+        splits = [("train", e) for e in index.get("train", [])] + ([("eval", index["eval"])] if index.get("eval") else [])
+        for variant in node.variants:
+            run = self.variant_runs[variant]
+            self.tracker.tag(run, TAG_DATA_DIGEST, index["digest"])
+            for context, entry in splits:
+                one = hashlib.sha256(json.dumps(entry.get("digests") or entry["shards"]).encode()).hexdigest()
+                self.tracker.log_dataset(run, entry["url"], entry["url"], one, context,
+                                         {"shards": len(entry["shards"]), "samples": sum(entry.get("counts") or [])})
 
     def skip(self, node: Node) -> None:
         if node.key in self.outcomes:

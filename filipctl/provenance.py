@@ -1,4 +1,8 @@
-"""What a run was made from: git commit, dirty tree, package versions. Reads metadata, imports nothing heavy."""
+"""What a run was made from: git commit, the uncommitted changes as a patch, package versions.
+
+Reads git and package metadata; imports nothing heavy. `filipctl reproduce` rebuilds the source
+from (commit, patch): a worktree at the commit with the patch applied.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,25 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def source_patch(root: Path = SOURCE_ROOT) -> str:
+    """The uncommitted changes against HEAD as one patch `git apply` takes: tracked files (staged or not,
+    binary included) and untracked files git does not ignore. "" for a clean tree or outside git."""
+    def git(*args: str, ok: tuple[int, ...] = (0,)) -> str:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+        if res.returncode not in ok:
+            raise subprocess.CalledProcessError(res.returncode, args, res.stdout, res.stderr)
+        return res.stdout
+
+    try:
+        patch = git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff")
+        for name in git("ls-files", "--others", "--exclude-standard", "-z").split("\0"):
+            if name:  # `diff --no-index` exits 1 when the files differ, which they do
+                patch += git("diff", "--binary", "--no-color", "--no-index", "--", "/dev/null", name, ok=(0, 1))
+    except (subprocess.SubprocessError, OSError):
+        return ""
+    return patch
 
 
 def package_versions() -> dict[str, str]:

@@ -241,6 +241,15 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dataset(self, run_id: str, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
+        """The data a run read, as an MLflow dataset input (the UI's Datasets column): its URL and content digest."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        scheme = url.split("://", 1)[0] if "://" in url else "local"
+        dataset = Dataset(name=name[:500], digest=digest[:36], source_type=scheme, source=json.dumps({"uri": url}),
+                          profile=json.dumps(profile))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description in the MLflow UI."""
         self.client.set_tag(run_id, "mlflow.note.content", markdown)

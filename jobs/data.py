@@ -9,9 +9,9 @@ import json
 import sys
 from typing import Any
 
-from filipctl.contract import JobError, RunDir, job_main
+from filipctl.contract import TAG_DATA_DIGEST, JobError, RunDir, job_main
 from filipctl.schema import DataConfig, FilterConfig, Recipe
-from jobs.data_index import build_index, resolve_shards, write_index
+from jobs.data_index import build_index, load_index, resolve_shards, write_index
 from jobs.events import emit
 from jobs.metrics import StageLogger
 from jobs.synthetic import generate
@@ -112,6 +112,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         if held_out["classnames"]:
             metrics["classes"] = len(held_out["classnames"])
     logger.metrics(metrics)
+    logger.tags({TAG_DATA_DIGEST: load_index(run_dir)["digest"]})
     emit(f"data: {metrics['train_shards']} training shards, {train_pairs} pairs"
          + (f"; held-out {metrics['eval_pairs']} pairs" if held_out else ""), stage="data")
     return index

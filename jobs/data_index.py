@@ -10,11 +10,12 @@ read-only bucket works and nobody writes a manifest by hand.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 
-from filipctl.contract import JobError, RunDir, write_atomic
+from filipctl.contract import JobError, RunDir, file_sha256, write_atomic
 from jobs.shards import count_samples, expand_urls, iter_samples
 
 if TYPE_CHECKING:
@@ -98,6 +99,32 @@ def read_classnames(eval_shards: list[str]) -> list[str] | None:
         return [line.strip() for line in f if line.strip()]
 
 
+def shard_digests(shards: list[str]) -> list[str]:
+    """Each shard's identity: "sha256:HEX" of a local file's bytes, the object store's ETag ("etag:...") for a
+    remote one (reading remote data whole to hash it would cost a download; the ETag changes with the bytes)."""
+    out = []
+    for shard in shards:
+        path = shard.removeprefix("file://")
+        if "://" not in path:
+            out.append("sha256:" + file_sha256(Path(path)))
+            continue
+        fs, remote = fsspec.core.url_to_fs(shard)
+        info = fs.info(remote)
+        tag = info.get("ETag") or info.get("etag") or info.get("md5") or ""
+        out.append(f"etag:{str(tag).strip(chr(34))}" if tag else f"size:{info.get('size')}")
+    return out
+
+
+def data_digest(index: dict[str, Any]) -> str:
+    """One identity for everything the index names: each source's URL, weight, shards and their digests."""
+    import hashlib
+
+    parts = [{k: entry.get(k) for k in ("url", "weight", "shards", "digests")} for entry in index.get("train", [])]
+    if index.get("eval"):
+        parts.append({k: index["eval"].get(k) for k in ("url", "shards", "digests", "classnames")})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def build_index(data: "DataConfig", train_urls: list[tuple[str, float]],
                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """The index of the training sources (url, weight) and the held-out split of `data`."""
@@ -105,17 +132,19 @@ def build_index(data: "DataConfig", train_urls: list[tuple[str, float]],
     for url, weight in train_urls:
         shards = resolve_shards(url)
         counts = count_shards(shards, (lambda d, t, u=url: progress(u, d, t)) if progress else None)
-        train.append({"url": url, "weight": weight, "shards": shards, "counts": counts, "sizes": local_sizes(shards)})
+        train.append({"url": url, "weight": weight, "shards": shards, "counts": counts, "sizes": local_sizes(shards),
+                      "digests": shard_digests(shards)})
     held_out = None
     if data.eval is not None:
         shards = resolve_shards(data.eval)
         held_out = {"url": data.eval, "shards": shards, "counts": count_shards(shards), "sizes": local_sizes(shards),
-                    "classnames": read_classnames(shards)}
+                    "digests": shard_digests(shards), "classnames": read_classnames(shards)}
     return {"train": train, "eval": held_out}
 
 
 def write_index(run_dir: RunDir, index: dict[str, Any]) -> None:
-    write_atomic(run_dir.data_index, json.dumps(index, indent=1))
+    """data.json, with the index's digest in it: the control side reads it without hashing anything."""
+    write_atomic(run_dir.data_index, json.dumps({**index, "digest": data_digest(index)}, indent=1))
 
 
 def load_index(run_dir: RunDir) -> dict[str, Any]:

@@ -221,3 +221,32 @@ def test_held_out_split_reads_captions_labels_and_boxes(tmp_path: Path) -> None:
     assert len(got[0].raw) == 2 and not got[1].raw
     assert all(o["box"] for b in got for m in b.meta for o in m["objects"])
     assert json.loads(json.dumps(got[0].labels)) == got[0].labels
+
+
+def test_a_set_on_s3_is_read_like_a_local_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip_benchmark layout in a bucket of a moto S3 server on 127.0.0.1, read through fsspec/s3fs."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from filipctl.contract import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        classification_set(tmp_path / "wds_cls", {"test": 6}, per_shard=4, templates=["a {c}."])
+        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
+        fs.mkdir("bench")
+        fs.put(str(tmp_path / "wds_cls"), "bench/wds_cls", recursive=True)
+        s3fs.S3FileSystem.clear_instance_cache()
+        ds = open_benchmark("s3://bench/wds_cls", None, "test", True)
+        assert ds.name == "wds_cls" and ds.templates == ["a {c}."] and ds.splits["test"][0] == "s3://bench/wds_cls/test/0.tar"
+        local = open_benchmark(str(tmp_path / "wds_cls"), None, "test", True)
+        remote = [x for b in batches(ds, "test", 16, 4, ErrorLog()) for x in b.labels]
+        assert remote == [x for b in batches(local, "test", 16, 4, ErrorLog()) for x in b.labels] and len(remote) == 6
+    finally:
+        server.stop()

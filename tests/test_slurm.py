@@ -56,6 +56,20 @@ def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, smoke_overrides: list[
     assert pre.data.tags["filipctl.job_id"].startswith(ids["pretrain"] + "@")
     assert pre.data.metrics["final_loss"] > 0 and "logs" in {a.path for a in client.list_artifacts(pre.info.run_id)}
 
+    # The same recipe as 2 local processes: the same world size and threads, so the same loss curve, bit for bit.
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *smoke_overrides, "--set",
+                  f"output_dir={tmp_path / 'local'}", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    local = client.get_run(json.loads(res.stdout)["run_id"])
+    local_pre = next(c for c in client.search_runs([local.info.experiment_id],
+                                                   f"tags.`mlflow.parentRunId` = '{local.info.run_id}'")
+                     if c.data.tags["filipctl.stage"] == "pretrain")
+    curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "loss")} for r in (pre, local_pre)]
+    assert curves[0] == curves[1] and sorted(curves[0]) == [5, 10, 15, 20]
+    assert [r.data.tags["filipctl.world_size"] for r in (pre, local_pre)] == ["2", "2"]
+    assert pre.data.tags["filipctl.torch_threads"] == local_pre.data.tags["filipctl.torch_threads"]
+    assert len(set(curves[0].values())) == 4  # the curve moves: equality is not vacuous
+
 
 def test_detach_then_cancel(tmp_path: Path, smoke_overrides: list[str]) -> None:
     res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *SLURM, *smoke_overrides,
