@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 # Bookkeeping figures: shown in the caption, not as rows.
-_COUNTS = ("eval_pairs", "images", "skipped_samples", "pointing_objects", "train_samples")
+_COUNTS = ("eval_pairs", "images", "skipped_samples", "pointing_objects", "train_samples", "finegrained_images")
 
 
 def _set_of(name: str) -> tuple[str, str]:
@@ -22,6 +22,8 @@ def group(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def _chance(metric: str, m: dict[str, float]) -> float | None:
+    if metric.startswith("finegrained_"):
+        return m.get(f"chance_{metric}")
     if metric.startswith("zeroshot_top1") or metric == "acc1":
         return m.get("chance_zeroshot_top1")
     if "_R" in metric and "chance_R1" in m:

@@ -31,10 +31,13 @@ from jobs.eval_features import FeatureFile
 from jobs.eval_metrics import class_scores, classification, retrieval
 from jobs.eval_sets import EvalSet, batches, held_out_set, open_benchmark
 from jobs.events import emit
+from jobs.hard_negatives import ATTRIBUTES, FineGrained, hard_negatives
 from jobs.linear_probe import linear_probe
 from jobs.metrics import StageLogger
 from jobs.shards import ErrorLog
+from jobs.synthetic import caption_of
 from models.filip import FILIP, Encoded, build_model
+from models.interaction import similarity
 from models.tokenizer import tokenize
 
 
@@ -107,7 +110,7 @@ class Encoder:
 
     @torch.no_grad()
     def split(self, ds: EvalSet, split: str, texts: bool, probe: bool, maps: int = 0,
-              pointing: alignment.Pointing | None = None) -> dict[str, Any]:
+              pointing: alignment.Pointing | None = None, finegrained: FineGrained | None = None) -> dict[str, Any]:
         ev, m = self.recipe.eval, self.recipe.model
         problems = self.problems.setdefault(f"{ds.name}/{split}", ErrorLog())
         images = FeatureFile(self.scratch, f"{ds.name}-{split}-images")
@@ -135,6 +138,8 @@ class Encoder:
                 drawn += 1
             if pointing is not None:
                 self._point(pointing, img.tokens, batch.meta, centres)
+            if finegrained is not None:
+                self._finegrained(finegrained, img, batch.meta, images.count - len(batch.images))
             emit(f"{ds.name} {split}: {images.count} images", done=images.count)
         images.close()
         if captions is not None:
@@ -187,6 +192,26 @@ class Encoder:
                              alignment.scaled_box(obj, meta, size), others, centres)
 
 
+    def _finegrained(self, counter: FineGrained, img: Encoded, metas: list[dict[str, Any]], first: int) -> None:
+        """Each image against its true caption and the captions that differ from it in one attribute."""
+        m, ev = self.recipe.model, self.recipe.eval
+        for i, meta in enumerate(metas):
+            objects = meta.get("objects") or []
+            if not objects or not all({"colour", "shape", "position"} <= set(o) for o in objects):
+                continue
+            true = caption_of(objects)
+            negatives = hard_negatives(objects, f"{first + i}/{true}")
+            texts = [true] + [c for a in ATTRIBUTES for c in negatives[a]]
+            enc = encode_texts(self.model, texts, self.context, ev.batch_size)
+            one = Encoded(img.tokens[i : i + 1], img.mask[i : i + 1], img.pooled[i : i + 1])
+            scores = similarity(one, enc, m.interaction, m.similarity_memory_mb, directions="i2t")[0][0].tolist()
+            by_attribute, at = {}, 1
+            for a in ATTRIBUTES:
+                by_attribute[a] = scores[at : at + len(negatives[a])]
+                at += len(negatives[a])
+            counter.add(scores[0], by_attribute)
+
+
 def result(ds: EvalSet, task: str, metrics: dict[str, Any], model: str, pretrained: str) -> dict[str, Any]:
     """One clip_benchmark result file (clip_benchmark.cli dumps exactly these keys)."""
     return {"dataset": ds.name, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
@@ -217,8 +242,10 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
     ev, m = recipe.eval, recipe.model
     block, mem = ev.batch_size, m.similarity_memory_mb
     pointing = alignment.Pointing() if ds.objects else None
+    finegrained = FineGrained() if ds.objects else None
     probe = ds.linear_probe
-    got = enc.split(ds, ds.eval_split, texts=ds.captions, probe=probe, maps=ev.alignment_images, pointing=pointing)
+    got = enc.split(ds, ds.eval_split, texts=ds.captions, probe=probe, maps=ev.alignment_images, pointing=pointing,
+                    finegrained=finegrained)
     flat: dict[str, float] = {}
     results = []
     n_images = len(got["images"])
@@ -255,6 +282,11 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
         for part in (train, val):
             if part:
                 part["images"].remove()
+    if finegrained is not None:
+        metrics = finegrained.metrics()
+        if metrics:
+            results.append(result(ds, "finegrained_retrieval", metrics, model_name, pretrained))
+            flat.update(_flat(ds, metrics, {}))
     if pointing is not None:
         metrics = pointing.metrics()
         if metrics:

@@ -53,6 +53,11 @@ def _position_phrase(pos: str) -> str:
     return "in the center" if pos == "center" else f"at the {pos}"
 
 
+def caption_of(objects: list[dict[str, Any]]) -> str:
+    """The caption naming each object's colour, shape and position, in order."""
+    return " and ".join(f"a {o['colour']} {o['shape']} {_position_phrase(o['position'])}" for o in objects)
+
+
 def paraphrases(objects: list[dict[str, Any]]) -> list[str]:
     """Two rewordings of the caption, as back-translation would give (same facts, other words)."""
     first = " and ".join(f"there is a {o['colour']} {o['shape']} {_position_phrase(o['position'])}" for o in objects)
@@ -90,7 +95,7 @@ def make_sample(seed: int, split: str, index: int, image_size: int, max_objects:
             draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
         objects.append({"colour": colour, "shape": shape, "position": POSITIONS[c], "box": box})
 
-    caption = " and ".join(f"a {o['colour']} {o['shape']} {_position_phrase(o['position'])}" for o in objects)
+    caption = caption_of(objects)
     label_name = f"{objects[0]['colour']} {objects[0]['shape']}"
     meta = {"caption": caption, "label": CLASSES.index(label_name), "label_name": label_name, "objects": objects,
             "alt_captions": paraphrases(objects), "width": image_size, "height": image_size,

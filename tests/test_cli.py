@@ -135,7 +135,8 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     files = sorted(p.name for p in (Path(report["folder"]) / "results").glob("*.json"))
     tasks = {(r["dataset"], r["task"]) for r in report["results"]}
     assert tasks == {("held_out", "zeroshot_retrieval"), ("held_out", "zeroshot_classification"),
-                     ("held_out", "word_patch_pointing"), ("wds_cls", "zeroshot_classification"),
+                     ("held_out", "word_patch_pointing"), ("held_out", "finegrained_retrieval"),
+                     ("wds_cls", "zeroshot_classification"),
                      ("wds_cls", "linear_probe"), ("wds_ret", "zeroshot_retrieval")}
     for r in report["results"]:
         assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"}  # clip_benchmark's dump

@@ -250,3 +250,32 @@ def test_a_set_on_s3_is_read_like_a_local_one(tmp_path: Path, monkeypatch: pytes
         assert remote == [x for b in batches(local, "test", 16, 4, ErrorLog()) for x in b.labels] and len(remote) == 6
     finally:
         server.stop()
+
+
+def test_hard_negatives_differ_in_exactly_one_attribute() -> None:
+    from jobs.hard_negatives import FineGrained, hard_negatives
+    from jobs.synthetic import caption_of
+
+    objects = [{"colour": "red", "shape": "circle", "position": "top left"},
+               {"colour": "blue", "shape": "square", "position": "center"}]
+    negs = hard_negatives(objects, "7/x")
+    assert negs == hard_negatives(objects, "7/x")  # seeded by the key
+    true = caption_of(objects)
+    assert len(negs["colour"]) == 4 and len(negs["shape"]) == 2 and len(negs["position"]) == 7
+    for attribute, captions in negs.items():
+        assert len(set(captions)) == len(captions) and true not in captions
+        for cap in captions:
+            # Exactly one object's attribute changed: re-derive it by trying every single change.
+            singles = {caption_of([{**o, attribute: v} if i == j else o for i, o in enumerate(objects)])
+                       for j in range(2) for v in ("red", "green", "blue", "yellow", "purple", "orange", "circle",
+                                                    "square", "triangle", "top", "left", "right", "bottom", "center",
+                                                    "top right", "bottom left", "bottom right", "top left")}
+            assert cap in singles, (attribute, cap)
+    assert not any("red" in c.split(" and ")[1] for c in negs["colour"])  # no colour the image already has
+
+    fg = FineGrained()
+    fg.add(0.9, {"colour": [0.1, 0.2], "shape": [0.95], "position": [0.3]})
+    fg.add(0.5, {"colour": [0.5], "shape": [0.1], "position": [0.2]})  # a tie is not a win
+    m = fg.metrics()
+    assert m["finegrained_R1"] == 0.0 and m["finegrained_colour_R1"] == 0.5 and m["finegrained_shape_R1"] == 0.5
+    assert m["finegrained_position_R1"] == 1.0 and m["chance_finegrained_colour_R1"] == pytest.approx(1 / 2.5)
