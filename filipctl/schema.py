@@ -85,6 +85,13 @@ class ModelConfig(Section):
         description="late: FILIP token-wise max similarity; global: CLIP pooled similarity (ablation baseline).",
     )
     init_temperature: float = Field(0.07, gt=0, description="Initial softmax temperature (learnable).")
+    late_image_cls: bool = Field(
+        True, description="The image [CLS] token takes part in late interaction, as the paper's text reads (every "
+        "image token); false drops it, as public FILIP code does (MindFormers). The pooled [CLS] of the global "
+        "interaction is not affected.")
+    late_text_bos: bool = Field(
+        True, description="The text [BOS] token takes part in late interaction; under the causal text mask it is "
+        "the same vector for every caption, so false drops it.")
     token_keep: float = Field(
         1.0, gt=0, le=1,
         description="Fraction of tokens each image and each text keeps before the all-gather, chosen by their "

@@ -29,7 +29,7 @@ class Features:
     """What one forward pass produces for a batch of B pairs (all unit-norm along d)."""
 
     image_tokens: Tensor  # [B, n1, d]  [CLS] + patches
-    image_mask: Tensor  # [B, n1] bool
+    image_mask: Tensor  # [B, n1] bool (False on [CLS] when model.late_image_cls is false)
     text_tokens: Tensor  # [B, n2, d]
     text_mask: Tensor  # [B, n2] bool, False on padding
     image_embed: Tensor  # [B, d]  pooled [CLS], for the global (CLIP) interaction
@@ -45,8 +45,12 @@ class Features:
 
 
 class FILIP(nn.Module):
-    def __init__(self, embed_dim: int, image: "ImageTower", text: "TextTower", init_temperature: float = 0.07) -> None:
+    def __init__(self, embed_dim: int, image: "ImageTower", text: "TextTower", init_temperature: float = 0.07,
+                 late_image_cls: bool = True, late_text_bos: bool = True) -> None:
         super().__init__()
+        # Which special tokens the token masks let into late interaction (pooled vectors are unaffected).
+        self.late_image_cls = late_image_cls
+        self.late_text_bos = late_text_bos
         from open_clip.transformer import TextTransformer, VisionTransformer
 
         self.visual = VisionTransformer(
@@ -88,6 +92,8 @@ class FILIP(nn.Module):
         tokens = torch.cat([pooled[:, None, :], patches], dim=1)  # [B, 1+P, w]
         tokens = F.normalize(self.image_proj(tokens), dim=-1)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if not self.late_image_cls:
+            mask[:, 0] = False
         return Encoded(tokens, mask, tokens[:, 0])
 
     def encode_text(self, ids: Tensor) -> Encoded:
@@ -95,7 +101,11 @@ class FILIP(nn.Module):
         pooled, tokens = self.text(ids)  # [B, w], [B, L, w]
         tokens = F.normalize(self.text_proj(tokens), dim=-1)
         embed = F.normalize(self.text_proj(pooled), dim=-1)
-        return Encoded(tokens, text_mask(ids), embed)
+        mask = text_mask(ids)
+        if not self.late_text_bos:
+            mask = mask.clone()
+            mask[:, 0] = False  # position 0 is [BOS] in every caption
+        return Encoded(tokens, mask, embed)
 
     def forward(self, images: Tensor, ids: Tensor) -> tuple[Features, Tensor]:
         """-> (features, logit scale = 1 / temperature).
@@ -114,4 +124,5 @@ class FILIP(nn.Module):
 
 def build_model(cfg: "ModelConfig") -> FILIP:
     """A FILIP from the recipe's typed `model` section (the loss settings go to models.loss.FilipLoss)."""
-    return FILIP(embed_dim=cfg.embed_dim, image=cfg.image, text=cfg.text, init_temperature=cfg.init_temperature)
+    return FILIP(embed_dim=cfg.embed_dim, image=cfg.image, text=cfg.text, init_temperature=cfg.init_temperature,
+                 late_image_cls=cfg.late_image_cls, late_text_bos=cfg.late_text_bos)

@@ -240,3 +240,28 @@ def test_unknown_interaction_is_rejected() -> None:
     f = _features(2, 3, 3, 4, seed=0)
     with pytest.raises(ValueError):
         filip_loss(f, f, torch.tensor([1.0], dtype=torch.float64), offset=0, interaction="mean")
+
+
+@pytest.mark.parametrize("drop_cls,drop_bos", [(True, False), (False, True), (True, True)])
+def test_special_tokens_can_be_left_out_of_late_interaction(drop_cls: bool, drop_bos: bool) -> None:
+    """model.late_image_cls / late_text_bos false: the scores equal late interaction on the tokens without them."""
+    from filipctl.schema import ModelConfig
+    from models.filip import build_model
+    from models.interaction import similarity
+    from models.tokenizer import tokenize
+
+    cfg = ModelConfig.model_validate({"embed_dim": 16, "late_image_cls": not drop_cls, "late_text_bos": not drop_bos,
+                                      "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+                                      "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(3, 3, 32, 32))
+        txt = model.encode_text(tokenize(["a red circle", "a blue square at the top", "x"], 16))
+    assert bool(img.mask[:, 0].any()) is not drop_cls and bool(txt.mask[:, 0].any()) is not drop_bos
+    assert torch.equal(img.pooled, img.tokens[:, 0])  # the global interaction still sees [CLS]
+    got = similarity(img, txt, "late")
+    i0, t0 = int(drop_cls), int(drop_bos)
+    ref = late_interaction(img.tokens[:, i0:], txt.tokens[:, t0:], img.mask[:, i0:], txt.mask[:, t0:])
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, atol=1e-6)
