@@ -55,7 +55,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
                  val_x: np.ndarray | None = None, val_y: np.ndarray | None = None, val_fraction: float = 0.2,
                  seed: int = 0) -> dict[str, float | None]:
     """clip_benchmark's linear-probe metrics (lp_acc1, lp_acc5, lp_mean_per_class_recall) and the chosen C."""
-    from sklearn.metrics import balanced_accuracy_score
+    from jobs.eval_metrics import balanced_accuracy
 
     if len(np.unique(train_y)) < 2:
         raise ValueError("the train split holds fewer than two classes: nothing to probe")
@@ -74,7 +74,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return {
         "lp_acc1": float((pred == test_y).mean()),
         "lp_acc5": float((ranked[:, :5] == test_y[:, None]).any(1).mean()) if n_classes >= 5 else None,
-        "lp_mean_per_class_recall": float(balanced_accuracy_score(test_y, pred)),
+        "lp_mean_per_class_recall": balanced_accuracy(test_y, pred),
         "C": c,
         "val_acc1": tried[c],
         "train_samples": float(len(fit_x) + len(val_x)),

@@ -279,3 +279,134 @@ def test_hard_negatives_differ_in_exactly_one_attribute() -> None:
     m = fg.metrics()
     assert m["finegrained_R1"] == 0.0 and m["finegrained_colour_R1"] == 0.5 and m["finegrained_shape_R1"] == 0.5
     assert m["finegrained_position_R1"] == 1.0 and m["chance_finegrained_colour_R1"] == pytest.approx(1 / 2.5)
+
+
+def _tar_samples(folder: Path) -> list[dict[str, bytes]]:
+    """Every sample of a split's shards in order, read with plain tarfile (not filipctl's reader)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(folder.glob("*.tar"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(f"{shard.name}/{key}", {})[ext] = tar.extractfile(m).read()
+    return list(samples.values())
+
+
+def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp_path: Path) -> None:
+    """jobs.evaluate on a random model, tiny sets in clip_benchmark's and img2dataset's layouts, small scoring blocks,
+    against: images decoded from the tars directly, one forward pass, the reference late interaction over the
+    full score matrix, plain loops."""
+    import io
+
+    from PIL import Image
+
+    from filipctl.recipes import load_recipe
+    from filipctl.schema import SyntheticData
+    from jobs.data_index import read_classnames, resolve_shards
+    from jobs.evaluate import Encoder, evaluate_set, prompts_for
+    from jobs.hard_negatives import ATTRIBUTES, hard_negatives
+    from jobs.loader import image_transform
+    from jobs.synthetic import caption_of, generate
+    from models.filip import build_model
+    from models.tokenizer import tokenize
+    from tests.conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["eval.batch_size=7", "model.similarity_memory_mb=0.05",
+                                                           "eval.alignment_images=2"])
+    torch.manual_seed(0)
+    model = build_model(recipe.model).eval()
+    enc = Encoder(model, recipe, tmp_path / "features", tmp_path / "maps")
+    transform = image_transform(recipe.model.image.image_size, augment=False)
+    ctx = recipe.model.text.context_length
+
+    def images_of(samples: list[dict[str, bytes]]) -> Encoded:
+        pics = [transform(Image.open(io.BytesIO(next(v for k, v in s.items() if k in ("jpg", "png", "webp"))))
+                          .convert("RGB")) for s in samples]
+        with torch.no_grad():
+            return model.encode_image(torch.stack(pics))
+
+    def texts_of(texts: list[str]) -> Encoded:
+        with torch.no_grad():
+            return model.encode_text(tokenize(texts, ctx))
+
+    def li(i: Encoded, t: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        return late_interaction(i.tokens, t.tokens, i.mask, t.mask)
+
+    def recall(s: torch.Tensor, owners: list[int], k: int, by_image: bool) -> float:
+        """s [N_img, N_txt]; by_image: image -> text (any caption of the image in its top k)."""
+        hits = 0
+        if by_image:
+            for i in range(s.shape[0]):
+                top = sorted(range(s.shape[1]), key=lambda j: -float(s[i, j]))[:k]
+                hits += any(owners[j] == i for j in top)
+            return hits / s.shape[0]
+        for j in range(s.shape[1]):
+            top = sorted(range(s.shape[0]), key=lambda i: -float(s[i, j]))[:k]
+            hits += owners[j] in top
+        return hits / s.shape[1]
+
+    # clip_benchmark retrieval: 12 images x 3 captions.
+    caps = retrieval_set(tmp_path / "ret", 12, captions_per_image=3, per_shard=5)
+    flat, _ = evaluate_set(enc, open_benchmark(str(tmp_path / "ret"), None, "test", False), "smoke", "x")
+    img = images_of(_tar_samples(tmp_path / "ret" / "test"))
+    owners = [i for i, c in enumerate(caps) for _ in c]
+    s_i2t, s_t2i = li(img, texts_of([c for cs in caps for c in cs]))
+    for k in (1, 5, 10):
+        assert flat[f"ret.text_retrieval_recall_at_{k}"] == pytest.approx(recall(s_i2t, owners, k, True), abs=1e-6)
+        assert flat[f"ret.image_retrieval_recall_at_{k}"] == pytest.approx(recall(s_t2i, owners, k, False), abs=1e-6)
+
+    # clip_benchmark classification: zero-shot over its own two templates, and the linear probe.
+    classification_set(tmp_path / "cls", {"train": 30, "test": 14}, templates=["a photo of a {c}.", "a {c} here."],
+                       per_shard=6)
+    ds = open_benchmark(str(tmp_path / "cls"), None, "test", True)
+    flat, results = evaluate_set(enc, ds, "smoke", "x")
+    test = _tar_samples(tmp_path / "cls" / "test")
+    labels = [int(s["cls"]) for s in test]
+    img = images_of(test)
+    scores = torch.zeros(len(test), len(ds.classnames))
+    for template in ["a photo of a {c}.", "a {c} here."]:
+        txt = texts_of([template.replace("{c}", c) for c in ds.classnames])
+        scores += li(img, txt)[0] / 2
+    pred = [max(range(scores.shape[1]), key=lambda c: float(scores[i, c])) for i in range(len(test))]
+    assert flat["cls.acc1"] == pytest.approx(np.mean([p == y for p, y in zip(pred, labels)]))
+    per_class = [np.mean([p == y for p, y in zip(pred, labels) if y == c]) for c in sorted(set(labels))]
+    assert flat["cls.mean_per_class_recall"] == pytest.approx(np.mean(per_class))
+    from sklearn.linear_model import LogisticRegression
+
+    train = _tar_samples(tmp_path / "cls" / "train")
+    def feats(e: Encoded) -> np.ndarray:  # eval.probe_features auto under late interaction: mean of the tokens
+        return (e.tokens * e.mask[..., None]).sum(1).div(e.mask.sum(1, keepdim=True)).numpy()
+    clf = LogisticRegression(C=flat["cls.C"], max_iter=1000, random_state=0).fit(
+        feats(images_of(train)), [int(s["cls"]) for s in train])
+    assert flat["cls.lp_acc1"] == pytest.approx(np.mean(clf.predict(feats(img)) == np.array(labels)))
+    assert {r["task"] for r in results} == {"zeroshot_classification", "linear_probe"}
+
+    # The held-out split in img2dataset's layout: retrieval, zero-shot with the recipe's prompts, fine-grained.
+    generate(str(tmp_path / "tr"), str(tmp_path / "ev"), SyntheticData(train_samples=2, eval_samples=16,
+             samples_per_shard=6, image_size=64, max_objects=2, seed=5))
+    shards = resolve_shards(str(tmp_path / "ev"))
+    held = held_out_set({"url": str(tmp_path / "ev"), "shards": shards, "classnames": read_classnames(shards)})
+    flat, _ = evaluate_set(enc, held, "smoke", "x")
+    samples = _tar_samples(tmp_path / "ev")
+    metas = [json.loads(s["json"]) for s in samples]
+    img = images_of(samples)
+    s_i2t, s_t2i = li(img, texts_of([s["txt"].decode() for s in samples]))
+    one_each = list(range(len(samples)))
+    for k in (1, 5, 10):
+        assert flat[f"i2t_R{k}"] == pytest.approx(recall(s_i2t, one_each, k, True), abs=1e-6)
+        assert flat[f"t2i_R{k}"] == pytest.approx(recall(s_t2i, one_each, k, False), abs=1e-6)
+    templates = prompts_for(held, recipe)
+    scores = sum(li(img, texts_of([t.replace("{c}", c) for c in held.classnames]))[0]
+                 for t in templates) / len(templates)
+    pred = scores.argmax(1).tolist()
+    assert flat["zeroshot_top1"] == pytest.approx(np.mean([p == m["label"] for p, m in zip(pred, metas)]))
+    wins = 0
+    for i, m in enumerate(metas):
+        negs = hard_negatives(m["objects"], f"{i}/{caption_of(m['objects'])}")
+        texts = [caption_of(m["objects"])] + [c for a in ATTRIBUTES for c in negs[a]]
+        s = li(Encoded(img.tokens[i : i + 1], img.mask[i : i + 1], img.pooled[i : i + 1]), texts_of(texts))[0][0]
+        wins += all(float(s[0]) > float(x) for x in s[1:])
+    assert flat["finegrained_R1"] == pytest.approx(wins / len(metas))
+    assert len(list((tmp_path / "maps" / "held_out").glob("*.png"))) == 2
