@@ -315,8 +315,8 @@ def reproduce(
     console.print(f"rebuilding {original.name}: commit {original.commit[:12]}"
                   + (f" + uncommitted changes ({len(original.patch.splitlines())} patch lines)" if original.patch else "")
                   + f" in {source}", highlight=False, markup=False)
-    rp.rebuild_source(original, source)
     try:
+        rp.rebuild_source(original, source)
         new_id = rp.rerun(original, source, where.resolve(), uri)
     finally:
         if not keep_source:

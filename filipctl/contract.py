@@ -46,6 +46,7 @@ TAG_CACHED = "filipctl.cached"  # on a stage run: reused from an earlier run of 
 TAG_STAGE_KEY = "filipctl.stage_key"
 TAG_DATA_DIGEST = "filipctl.data_digest"  # sha256 of the data index: every shard's URL and digest (jobs/data_index.py)
 TAG_PATCH_DIGEST = "filipctl.git_patch_sha256"  # of the uncommitted changes logged as source.patch ("" = none)
+TAG_EVALUATED = "filipctl.evaluated"  # on a `filipctl eval` run: what it evaluated (run id or path)
 TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) that entered the stage keys
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from filipctl.contract import TAG_KIND, TAG_WORKDIR, RunDir, file_sha256
+from filipctl.contract import TAG_EVALUATED, TAG_KIND, TAG_WORKDIR, RunDir, file_sha256
 from filipctl.errors import FilipctlError
 from filipctl.schema import EvalDataset, Recipe
 
@@ -65,6 +65,9 @@ def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: f
     tracking.check_store(uri, timeout_s, must_exist=True)
     client = tracking.open_store(uri)
     run = find_pipeline(client, experiment, target, kinds=("pipeline", "variant"))
+    if TAG_EVALUATED in run.data.tags:
+        raise FilipctlError(f"run {run.info.run_name} is an evaluation of {run.data.tags[TAG_EVALUATED]}; give that "
+                            "run (or its model.pt) instead")
     workdir = run.data.tags.get(TAG_WORKDIR)
     if not workdir:
         raise FilipctlError(f"run {run.info.run_name} ({run.info.run_id[:8]}) records no stage folder "
@@ -158,7 +161,7 @@ def run_eval(source: Source, recipe: Recipe, console: Console, force: bool = Fal
         inputs["data"] = (str(source.data_dir.resolve()), "data:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16])
     graph = external_graph(stage, recipe, inputs, Path(recipe.output_dir))
     run = GraphRun({"": recipe}, console, force=force, graph=graph, label="eval",
-                   tags={"filipctl.evaluated": source.described})
+                   tags={TAG_EVALUATED: source.described})
     uri = run.preflight()
     run_graph(run, uri, "(filipctl eval)", detach=False)
     failed = run.failure()

@@ -26,7 +26,7 @@ from filipctl.stages import Stage, plan
 READS: dict[str, tuple[str, ...]] = {
     "data": ("data.train", "data.eval", "data.synthetic", "data.filter"),
     "pretrain": ("model", "optim", "train", "data"),
-    "eval": ("model", "eval"),
+    "eval": ("model", "eval", "name"),  # the name labels the clip_benchmark result files ("model")
 }
 CODE_FOLDERS = ("jobs", "models")
 
@@ -47,9 +47,31 @@ def _value(d: dict[str, Any], path: str) -> Any:
     return d
 
 
+def eval_sets_identity(recipe: Recipe) -> list[str]:
+    """What the evaluation sets hold, as far as it is cheap to see: for a local folder, every file's path, size and
+    modification time (a set exported again to the same folder is a new key); a remote URL stands for itself."""
+    import os
+
+    out = []
+    for d in recipe.eval.datasets:
+        root = d.url.removeprefix("file://")
+        if "://" in root or not os.path.isdir(root):
+            out.append(d.url)
+            continue
+        h = hashlib.sha256()
+        for folder, _dirs, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        out.append(f"{d.url}#{h.hexdigest()[:16]}")
+    return out
+
+
 def stage_key(stage: str, recipe: Recipe, deps: dict[str, str], code: str) -> str:
     d = recipe_to_dict(recipe)
     reads = {path: _value(d, path) for path in READS[stage]}
+    if stage == "eval" and recipe.eval.datasets:
+        reads["eval.datasets.contents"] = eval_sets_identity(recipe)
     blob = json.dumps({"stage": stage, "reads": reads, "deps": deps, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -94,8 +94,11 @@ def _tail(text: str, n: int = 25) -> str:
 
 
 def _absolute(url: str) -> str:
-    """A local path (or pattern) made absolute; URLs with a scheme stay as they are."""
-    return url if "://" in url or Path(url).is_absolute() else str(Path(url).resolve())
+    """A local path (or pattern) made absolute, ~ expanded; URLs with a scheme stay as they are."""
+    if "://" in url:
+        return url
+    path = Path(url).expanduser()
+    return str(path) if path.is_absolute() else str(path.resolve())
 
 
 def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
@@ -240,10 +243,10 @@ class GraphRun:
         self.tracker = tracking.Tracker(uri, self.first.tracking.experiment)
         git = provenance.git_state()
         versions = provenance.package_versions()
-        patch = provenance.source_patch()  # untracked new files count too: they may be code the jobs import
+        patch, left_out = provenance.source_patch()  # untracked new files count too: the jobs may import them
         common = {**{f"filipctl.{k}": v for k, v in git.items()}, "mlflow.source.git.commit": git["git_commit"],
                   TAG_RECIPE_PATH: recipe_path, TAG_CLUSTER: self.first.cluster.name, TAG_CODE_DIGEST: code_digest(),
-                  TAG_PATCH_DIGEST: hashlib.sha256(patch.encode()).hexdigest()[:16] if patch else ""}
+                  TAG_PATCH_DIGEST: hashlib.sha256(patch).hexdigest()[:16] if patch else ""}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if ablation is not None:
             self.top = self.tracker.start_run(f"{self.first.name}-ablation-{stamp}", kind="ablation",
@@ -264,7 +267,7 @@ class GraphRun:
             self.variant_runs[variant] = run
             self.top = self.top or run
             if patch:  # `filipctl reproduce` applies it on a worktree at the commit
-                self.tracker.log_text(run, patch, "source.patch")
+                self.tracker.log_bytes(run, patch, "source.patch")
             for stage_name, key in keys.items():
                 node = self.graph.nodes[key]
                 self.stage_runs[(variant, key)] = self.tracker.start_stage(run, stage_name, recipe.name,
@@ -276,6 +279,10 @@ class GraphRun:
                            highlight=False)
         if git["git_dirty"] == "true":
             self.console.print("[yellow]note:[/] the source tree has uncommitted changes (tagged filipctl.git_dirty=true)")
+        if left_out:
+            self.console.print(f"[yellow]note:[/] {len(left_out)} untracked file(s) over "
+                               f"{provenance.UNTRACKED_LIMIT // 2**20} MB are not in source.patch: "
+                               f"{escape(', '.join(left_out[:5]))}")
 
     def _runs_of(self, node: Node) -> list[str]:
         return [self.stage_runs[(v, node.key)] for v in node.variants]

@@ -30,23 +30,38 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
-def source_patch(root: Path = SOURCE_ROOT) -> str:
-    """The uncommitted changes against HEAD as one patch `git apply` takes: tracked files (staged or not,
-    binary included) and untracked files git does not ignore. "" for a clean tree or outside git."""
-    def git(*args: str, ok: tuple[int, ...] = (0,)) -> str:
-        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+# Untracked files larger than this stay out of the patch (a data folder left in the tree, say); they are named.
+UNTRACKED_LIMIT = 2 * 2**20
+
+
+def source_patch(root: Path = SOURCE_ROOT) -> tuple[bytes, list[str]]:
+    """The uncommitted changes against HEAD as one patch `git apply` takes -> (patch, untracked files left out).
+
+    Tracked files (staged or not, binary, deleted, CRLF: bytes, never decoded) and untracked files git
+    does not ignore, each up to UNTRACKED_LIMIT. b"" for a clean tree or outside git.
+    """
+    def git(*args: str, ok: tuple[int, ...] = (0,)) -> bytes:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60)
         if res.returncode not in ok:
             raise subprocess.CalledProcessError(res.returncode, args, res.stdout, res.stderr)
         return res.stdout
 
+    left_out: list[str] = []
     try:
         patch = git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff")
-        for name in git("ls-files", "--others", "--exclude-standard", "-z").split("\0"):
-            if name:  # `diff --no-index` exits 1 when the files differ, which they do
-                patch += git("diff", "--binary", "--no-color", "--no-index", "--", "/dev/null", name, ok=(0, 1))
+        for raw in git("ls-files", "--others", "--exclude-standard", "-z").split(b"\0"):
+            if not raw:
+                continue
+            name = raw.decode("utf-8", "surrogateescape")
+            path = root / name
+            if path.is_file() and path.stat().st_size > UNTRACKED_LIMIT:
+                left_out.append(name)
+                continue
+            # `diff --no-index` exits 1 when the files differ, which they do.
+            patch += git("diff", "--binary", "--no-color", "--no-index", "--", "/dev/null", name, ok=(0, 1))
     except (subprocess.SubprocessError, OSError):
-        return ""
-    return patch
+        return b"", []
+    return patch, left_out
 
 
 def package_versions() -> dict[str, str]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filipctl.contract import TAG_CODE_DIGEST, TAG_DATA_DIGEST, TAG_KIND, TAG_PATCH_DIGEST, TAG_STAGE
+from filipctl.contract import (TAG_CACHED, TAG_CODE_DIGEST, TAG_DATA_DIGEST, TAG_EVALUATED, TAG_KIND, TAG_PATCH_DIGEST,
+                               TAG_STAGE, TAG_WORKDIR)
 from filipctl.errors import FilipctlError
 from filipctl.provenance import SOURCE_ROOT
 
@@ -44,7 +45,7 @@ class RunRecord:
     tags: dict[str, str]
     versions: dict[str, str]
     recipe_yaml: str
-    patch: str
+    patch: bytes
     stages: dict[str, Any] = field(default_factory=dict)  # stage name -> its MLflow run
 
     @property
@@ -52,14 +53,25 @@ class RunRecord:
         return self.tags.get("filipctl.git_commit", "unknown")
 
 
-def _artifact(client, run_id: str, path: str) -> str | None:
+def _artifact(client, run_id: str, path: str) -> bytes | None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small file otherwise
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, path, tmp)
         except Exception:  # not logged (a clean tree has no source.patch)
             return None
-        return Path(local).read_text()
+        return Path(local).read_bytes()
+
+
+def _producer(client, stage_run):
+    """The stage run whose job made the result: a cached stage's run points at it through its folder's done.json."""
+    if stage_run.data.tags.get(TAG_CACHED) != "true":
+        return stage_run
+    try:
+        done = json.loads((Path(stage_run.data.tags[TAG_WORKDIR]) / "done.json").read_text())
+        return client.get_run(done["mlflow_run"])
+    except Exception:  # the folder is gone or the producing run was deleted: keep what this run holds
+        return stage_run
 
 
 def load_record(client, run) -> RunRecord:
@@ -68,15 +80,18 @@ def load_record(client, run) -> RunRecord:
     if run.data.tags.get(TAG_KIND) not in ("pipeline", "variant"):
         raise FilipctlError(f"run {run.info.run_name} is a {run.data.tags.get(TAG_KIND, 'non-filipctl')} run; give a "
                             "run of one recipe (an ablation's variants each have their own id: filipctl status)")
+    if TAG_EVALUATED in run.data.tags:
+        raise FilipctlError(f"run {run.info.run_name} is `filipctl eval` of {run.data.tags[TAG_EVALUATED]}; give "
+                            "the run that trained the model")
     rid = run.info.run_id
     recipe_yaml = _artifact(client, rid, "recipe.yaml")
     versions = _artifact(client, rid, "versions.json")
     if recipe_yaml is None or versions is None:
         raise FilipctlError(f"run {run.info.run_name} has no recipe.yaml / versions.json artifacts: it was not "
                             "made by filipctl run, or its artifacts are gone")
-    stages = {c.data.tags.get(TAG_STAGE): c for c in stage_runs(client, run)}
+    stages = {c.data.tags.get(TAG_STAGE): _producer(client, c) for c in stage_runs(client, run)}
     return RunRecord(rid, run.info.run_name, dict(run.data.params), dict(run.data.tags), json.loads(versions),
-                     recipe_yaml, _artifact(client, rid, "source.patch") or "", stages)
+                     recipe_yaml.decode(), _artifact(client, rid, "source.patch") or b"", stages)
 
 
 def differences(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -92,7 +107,7 @@ def diff(a: RunRecord, b: RunRecord) -> dict[str, list[tuple[str, Any, Any]]]:
                 "worker code digest (jobs/, models/)": r.tags.get(TAG_CODE_DIGEST, "")}
 
     def data(r: RunRecord) -> dict[str, str]:
-        return {"data digest": r.tags.get(TAG_DATA_DIGEST, "")}
+        return {"data digest": r.tags.get(TAG_DATA_DIGEST, "(not recorded)")}
 
     def world(r: RunRecord) -> dict[str, str]:
         pre = r.stages.get("pretrain")
@@ -108,11 +123,12 @@ def diff(a: RunRecord, b: RunRecord) -> dict[str, list[tuple[str, Any, Any]]]:
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
-def _git(*args: str, cwd: Path = SOURCE_ROOT, stdin: str | None = None) -> str:
-    res = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, input=stdin, timeout=300)
+def _git(*args: str, cwd: Path = SOURCE_ROOT, stdin: bytes | None = None) -> str:
+    res = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, input=stdin, timeout=300)
     if res.returncode:
-        raise FilipctlError(f"git {' '.join(args[:2])}: {' '.join(res.stderr.split())[:300]}")
-    return res.stdout
+        why = " ".join(res.stderr.decode("utf-8", "replace").split())[:300]
+        raise FilipctlError(f"git {' '.join(args[:2])}: {why}")
+    return res.stdout.decode("utf-8", "replace")
 
 
 def rebuild_source(record: RunRecord, dest: Path) -> None:

@@ -254,6 +254,14 @@ class Tracker:
         """The run's description in the MLflow UI."""
         self.client.set_tag(run_id, "mlflow.note.content", markdown)
 
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        """A file artifact whose bytes must arrive unchanged (a patch with CRLF or binary hunks)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         if text:
             self.client.log_text(run_id, text, artifact_file)

@@ -114,6 +114,10 @@ class Pointing:
                 "pointing_chance": self.chance_sum / self.objects, "pointing_objects": float(self.objects)}
 
 
+def _plain(text: str) -> str:
+    return text.replace("$", r"\$")
+
+
 def draw(image: Any, matches: Tensor, grid: int, tokens: list[str], title: str, path: Path,
          highlight: set[int] | None = None) -> None:
     """The image with its patch grid coloured by matched token index and numbered, a legend of the tokens.
@@ -143,10 +147,12 @@ def draw(image: Any, matches: Tensor, grid: int, tokens: list[str], title: str, 
             ax.text((c + 0.5) * cell, (r + 0.5) * cell, str(t), ha="center", va="center", fontsize=7,
                     color="black", fontweight="bold" if strong else "normal")
     used = sorted(set(matches.tolist()))
-    handles = [Patch(facecolor=cmap(t % 20), label=f"{t}: {tokens[t] if t < len(tokens) else '?'}") for t in used]
+    # '$' would start matplotlib mathtext: a caption holding one must print as it is.
+    handles = [Patch(facecolor=cmap(t % 20), label=_plain(f"{t}: {tokens[t] if t < len(tokens) else '?'}"))
+               for t in used]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False,
               title="matched token", title_fontsize=7)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_plain(title), fontsize=8)
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path)

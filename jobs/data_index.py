@@ -111,7 +111,8 @@ def shard_digests(shards: list[str]) -> list[str]:
         fs, remote = fsspec.core.url_to_fs(shard)
         info = fs.info(remote)
         tag = info.get("ETag") or info.get("etag") or info.get("md5") or ""
-        out.append(f"etag:{str(tag).strip(chr(34))}" if tag else f"size:{info.get('size')}")
+        when = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+        out.append(f"etag:{str(tag).strip(chr(34))}" if tag else f"size:{info.get('size')}:modified:{when}")
     return out
 
 

@@ -70,6 +70,15 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _classnames(text: str) -> list[str]:
+    """One name per line, read as clip_benchmark reads them: a blank line inside the file is a class (so the
+    indices of the names after it do not shift); only blank lines at the end are dropped."""
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    return names
+
+
 def _split_shards(root: str, split: str) -> list[str] | None:
     """The split's shards: nshards.txt names {0..n-1}.tar (clip_benchmark); without it, every .tar there."""
     folder = f"{root}/{split}"
@@ -79,6 +88,8 @@ def _split_shards(root: str, split: str) -> list[str] | None:
             n = int(nshards.strip())
         except ValueError:
             raise JobError(f"{folder}/nshards.txt should hold the number of shards, not {nshards.strip()[:40]!r}") from None
+        if n < 1:
+            raise JobError(f"{folder}/nshards.txt says {n} shards: the split is empty")
         return [f"{folder}/{i}.tar" for i in range(n)]
     fs, path = fsspec.core.url_to_fs(folder)
     if not fs.isdir(path):
@@ -96,16 +107,22 @@ def open_benchmark(url: str, name: str | None, split: str, linear_probe: bool) -
         if kind not in (CLASSIFICATION, RETRIEVAL):
             raise JobError(f"{root}/dataset_type.txt says {kind!r}; filipctl evaluates 'retrieval' and classification "
                            "(no dataset_type.txt); multilabel sets are not supported")
-        splits: dict[str, list[str]] = {}
-        for s in dict.fromkeys([split, "train", "val"]):
-            shards = _split_shards(root, s)
-            if shards:
-                splits[s] = shards
-        if split not in splits:
+        shards = _split_shards(root, split)
+        if not shards:
             raise JobError(f"eval set {name}: no split {split!r} at {root}/{split} (expected nshards.txt and "
                            "0.tar, 1.tar, ... as clip_benchmark_export_wds writes them)")
+        splits: dict[str, list[str]] = {split: shards}
         if kind == RETRIEVAL:
             return EvalSet(name, root, kind, splits, captions=True, eval_split=split)
+        if linear_probe and split != "train":  # the probe's splits: looked for only when a probe will run
+            for extra in ("train", "val"):
+                try:
+                    found = _split_shards(root, extra)
+                except JobError as exc:
+                    print(f"note: eval set {name}: split {extra!r} not used: {exc}", flush=True)
+                    found = None
+                if found and extra != split:
+                    splits[extra] = found
         names_text = _read_text(f"{root}/classnames.txt")
         if names_text is None:
             raise JobError(f"eval set {name}: {root}/classnames.txt is missing (a classification set needs its class "
@@ -115,7 +132,7 @@ def open_benchmark(url: str, name: str | None, split: str, linear_probe: bool) -
         if templates is not None and not all("{c}" in t for t in templates):
             bad = next(t for t in templates if "{c}" not in t)
             raise JobError(f"eval set {name}: template {bad!r} in zeroshot_classification_templates.txt has no '{{c}}'")
-        return EvalSet(name, root, kind, splits, classnames=_lines(names_text), templates=templates or None,
+        return EvalSet(name, root, kind, splits, classnames=_classnames(names_text), templates=templates or None,
                        linear_probe=linear_probe and "train" in splits and split != "train", eval_split=split)
     except JobError:
         raise
@@ -150,17 +167,27 @@ def _captions(sample: dict[str, Any], held_out: bool) -> list[str]:
 
 def batches(ds: EvalSet, split: str, image_size: int, batch_size: int, problems: ErrorLog,
             keep_raw: int = 0) -> Iterator[Batch]:
-    """The split in order, `batch_size` samples at a time; damaged samples and shards go to `problems`.
+    """The split in order, `batch_size` samples at a time; samples that cannot be decoded go to `problems`
+    (counted, named, left out); a shard that cannot be read stops the evaluation (JobError).
 
     keep_raw: keep the decoded PIL image of the first `keep_raw` samples (for the alignment maps).
     """
     transform = image_transform(image_size, augment=False)
     held_out = ds.name == "held_out"
+
+    def on_shard_error(url: str, exc: Exception) -> None:
+        if isinstance(exc, ValueError) and ("tar member" in str(exc) or "has two" in str(exc)):
+            problems(url, exc)  # an odd member: the sample is still read
+            return
+        # Figures from part of a set cannot be compared with published ones: stop, and say which shard.
+        raise JobError(f"eval set {ds.name}: cannot read {url}: {type(exc).__name__}: "
+                       f"{' '.join(str(exc).split())[:300]}") from None
+
     want_labels = ds.classnames is not None
     n_classes = len(ds.classnames or [])
     seen = 0
     batch = Batch([], [], [], [], [])
-    for sample in iter_samples(ds.splits[split], on_error=problems):
+    for sample in iter_samples(ds.splits[split], on_error=on_shard_error):
         try:
             pil = decode_image(sample)
             label = _label(sample, held_out) if want_labels else -1

@@ -110,24 +110,27 @@ class Encoder:
 
     @torch.no_grad()
     def split(self, ds: EvalSet, split: str, texts: bool, probe: bool, maps: int = 0,
-              pointing: alignment.Pointing | None = None, finegrained: FineGrained | None = None) -> dict[str, Any]:
+              pointing: alignment.Pointing | None = None, finegrained: FineGrained | None = None,
+              features: bool = True) -> dict[str, Any]:
+        """Encode one split. features=False (the probe's train and val splits): only the probe's vectors are kept,
+        no token features are written."""
         ev, m = self.recipe.eval, self.recipe.model
         problems = self.problems.setdefault(f"{ds.name}/{split}", ErrorLog())
-        images = FeatureFile(self.scratch, f"{ds.name}-{split}-images")
+        images = FeatureFile(self.scratch, f"{ds.name}-{split}-images") if features else None
         captions = FeatureFile(self.scratch, f"{ds.name}-{split}-texts") if texts else None
         owners: list[int] = []
         labels: list[int] = []
         feats: list[Tensor] = []
         grid = m.image.image_size // m.image.patch_size
         centres = alignment.patch_centres(grid, m.image.image_size)
-        drawn = 0
+        count = drawn = 0
         for batch in batches(ds, split, m.image.image_size, ev.batch_size, problems, keep_raw=maps):
             img = self.model.encode_image(batch.images)
-            images.append(img)
+            if images is not None:
+                images.append(img)
             if captions is not None:
                 flat = [c for caps in batch.captions for c in caps]
-                base = images.count - len(batch.images)
-                owners += [base + i for i, caps in enumerate(batch.captions) for _ in caps]
+                owners += [count + i for i, caps in enumerate(batch.captions) for _ in caps]
                 captions.append(encode_texts(self.model, flat, self.context, ev.batch_size))
             labels += batch.labels
             if probe:
@@ -139,19 +142,20 @@ class Encoder:
             if pointing is not None:
                 self._point(pointing, img.tokens, batch.meta, centres)
             if finegrained is not None:
-                self._finegrained(finegrained, img, batch.meta, images.count - len(batch.images))
-            emit(f"{ds.name} {split}: {images.count} images", done=images.count)
-        images.close()
-        if captions is not None:
-            captions.close()
+                self._finegrained(finegrained, img, batch.meta, count)
+            count += len(batch.images)
+            emit(f"{ds.name} {split}: {count} images", done=count)
+        for f in (images, captions):
+            if f is not None:
+                f.close()
         if problems.count:
             for message in problems.messages:
                 print(f"skipped ({ds.name} {split}): {message}", flush=True)
-        if not len(images):
+        if not count:
             raise JobError(f"eval set {ds.name}: no readable sample in split {split!r} ({ds.url}); "
                            f"{problems.messages[0] if problems.messages else 'the shards are empty'}")
         return {"images": images, "texts": captions, "text_image": torch.tensor(owners, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "count": count,
                 "probe": torch.cat(feats).numpy() if feats else None, "skipped": problems.count}
 
     def _draw(self, ds: EvalSet, image_tokens: Tensor, pil: Any, label: int | None, caps: list[str], grid: int,
@@ -248,7 +252,7 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
                     finegrained=finegrained)
     flat: dict[str, float] = {}
     results = []
-    n_images = len(got["images"])
+    n_images = got["count"]
     if ds.captions:
         metrics = retrieval(got["images"], got["texts"], got["text_image"], m.interaction, mem, block, ev.recall_at)
         results.append(result(ds, "zeroshot_retrieval", metrics, model_name, pretrained))
@@ -268,8 +272,10 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
         flat.update(_flat(ds, {"chance_zeroshot_top1": 1.0 / len(ds.classnames)}, {}))
         prompts.remove()
     if probe:
-        train = enc.split(ds, "train", texts=False, probe=True)
-        val = enc.split(ds, "val", texts=False, probe=True) if "val" in ds.splits else None
+        train = enc.split(ds, "train", texts=False, probe=True, features=False)
+        # The set's own 'val' split chooses C, unless it is the split being reported (then a share of train does).
+        has_val = "val" in ds.splits and ds.eval_split != "val"
+        val = enc.split(ds, "val", texts=False, probe=True, features=False) if has_val else None
         emit(f"{ds.name}: linear probe on {len(train['labels'])} train images")
         try:
             metrics = linear_probe(train["probe"], train["labels"].numpy(), got["probe"], got["labels"].numpy(),
@@ -279,9 +285,6 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
             raise JobError(f"eval set {ds.name}: linear probe: {exc}") from None
         results.append(result(ds, "linear_probe", metrics, model_name, pretrained))
         flat.update(_flat(ds, metrics, {}))
-        for part in (train, val):
-            if part:
-                part["images"].remove()
     if finegrained is not None:
         metrics = finegrained.metrics()
         if metrics:

@@ -179,6 +179,30 @@ def test_bad_sets_are_named_with_what_is_missing(tmp_path: Path) -> None:
     problems = ErrorLog()
     labels = [x for b in batches(open_benchmark(str(bad), None, "test", False), "test", 32, 8, problems) for x in b.labels]
     assert len(labels) == 3 and problems.count == 2
+    # A shard nshards.txt names but that cannot be read stops the evaluation: part of a set is not the set.
+    (bad / "test" / "nshards.txt").write_text("3\n")
+    with pytest.raises(JobError, match=r"eval set bad: cannot read .*test/2.tar"):
+        list(batches(open_benchmark(str(bad), None, "test", False), "test", 32, 8, ErrorLog()))
+    (bad / "test" / "nshards.txt").write_text("0\n")
+    with pytest.raises(JobError, match="says 0 shards"):
+        open_benchmark(str(bad), None, "test", False)
+
+
+def test_probe_splits_are_looked_for_only_when_a_probe_runs(tmp_path: Path) -> None:
+    retrieval_set(tmp_path / "ret", 4, per_shard=4)
+    (tmp_path / "ret" / "train").mkdir()  # an empty folder a retrieval set does not use
+    assert set(open_benchmark(str(tmp_path / "ret"), None, "test", True).splits) == {"test"}
+    classification_set(tmp_path / "cls", {"test": 4, "val": 4}, per_shard=4)
+    (tmp_path / "cls" / "train").mkdir()  # empty: no probe, and the zero-shot evaluation still runs
+    ds = open_benchmark(str(tmp_path / "cls"), None, "test", True)
+    assert set(ds.splits) == {"test", "val"} and not ds.linear_probe
+    assert set(open_benchmark(str(tmp_path / "cls"), None, "test", False).splits) == {"test"}
+
+
+def test_blank_class_names_keep_their_index_as_clip_benchmark_reads_them() -> None:
+    from jobs.eval_sets import _classnames
+
+    assert _classnames("cat\n\ndog\n\n") == ["cat", "", "dog"]
 
 
 def test_pointing_hits_when_the_word_matches_a_patch_in_the_box() -> None:

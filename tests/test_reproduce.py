@@ -87,9 +87,10 @@ def test_a_run_records_what_rebuilds_it(tmp_path: Path, tiny: list[str]) -> None
 
     assert tags["filipctl.git_commit"] == git_state()["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    if source_patch():  # a development tree: the uncommitted changes travel with the run
-        logged = Path(client.download_artifacts(run.info.run_id, "source.patch", str(tmp_path))).read_text()
-        assert logged == source_patch() and len(tags["filipctl.git_patch_sha256"]) == 16
+    patch, _ = source_patch()
+    if patch:  # a development tree: the uncommitted changes travel with the run
+        logged = Path(client.download_artifacts(run.info.run_id, "source.patch", str(tmp_path))).read_bytes()
+        assert logged == patch and len(tags["filipctl.git_patch_sha256"]) == 16
     else:
         assert "source.patch" not in artifacts and tags["filipctl.git_patch_sha256"] == ""
     assert len(tags["filipctl.code_digest"]) == 16 and len(tags["filipctl.data_digest"]) == 64
@@ -99,3 +100,36 @@ def test_a_run_records_what_rebuilds_it(tmp_path: Path, tiny: list[str]) -> None
     index = json.loads(next((tmp_path / "runs" / "stages").glob("data-*/data.json")).read_text())
     assert index["digest"] == tags["filipctl.data_digest"]
     assert all(d.startswith("sha256:") and len(d) == 71 for d in index["train"][0]["digests"])
+
+
+def test_the_source_patch_rebuilds_every_kind_of_change(tmp_path: Path) -> None:
+    """CRLF text, a binary file, a deleted file, an untracked file that is not UTF-8: the patch is bytes, and a
+    worktree at the commit with it applied holds exactly the changed tree; a large untracked file is named."""
+    import subprocess
+
+    from filipctl import provenance
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True,
+                       capture_output=True)
+    git("init", "-q")
+    (repo / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
+    (repo / "gone.py").write_text("x = 1\n")
+    (repo / "blob.bin").write_bytes(bytes(range(256)))
+    git("add", "-A")
+    git("commit", "-q", "-m", "base")
+    (repo / "crlf.txt").write_bytes(b"one\r\nTWO\r\nthree\r\n")
+    (repo / "gone.py").unlink()
+    (repo / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 2)
+    (repo / "latin1.txt").write_bytes("caf\xe9 na\xefve\n".encode("latin-1"))
+    (repo / "big.dat").write_bytes(b"\0" * (provenance.UNTRACKED_LIMIT + 1))
+    patch, left_out = provenance.source_patch(repo)
+    assert isinstance(patch, bytes) and left_out == ["big.dat"]
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(tmp_path / "wt"), "HEAD"],
+                   check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(tmp_path / "wt"), "apply", "-"], input=patch, check=True, capture_output=True)
+    for name in ("crlf.txt", "blob.bin", "latin1.txt"):
+        assert (tmp_path / "wt" / name).read_bytes() == (repo / name).read_bytes(), name
+    assert not (tmp_path / "wt" / "gone.py").exists() and not (tmp_path / "wt" / "big.dat").exists()
