@@ -30,7 +30,7 @@ for inter in ("global", "late"):
     CONFIGS[f"{inter} 900 steps"] = {"model.interaction": inter, "train.steps": "900", "optim.warmup_steps": "90"}
     CONFIGS[f"{inter} 2000 pairs"] = {"model.interaction": inter, "data.synthetic.train_samples": "2000"}
 CONFIGS["late no image [CLS]"] = {"model.interaction": "late", "model.late_image_cls": "false"}
-CONFIGS["late no [CLS], no [BOS]"] = {"model.interaction": "late", "model.late_image_cls": "false",
+CONFIGS["late no [CLS] no [BOS]"] = {"model.interaction": "late", "model.late_image_cls": "false",
                                       "model.late_text_bos": "false"}
 
 COLUMNS = ("i2t_R1", "t2i_R1", "zeroshot_top1", "finegrained_R1", "finegrained_position_R1", "pointing_acc")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 # Bookkeeping figures: shown in the caption, not as rows.
-_COUNTS = ("eval_pairs", "images", "skipped_samples", "pointing_objects", "train_samples", "finegrained_images")
+_COUNTS = ("eval_pairs", "images", "skipped_samples", "pointing_objects", "train_samples", "finegrained_images",
+           "finegrained_sT_images")
 
 
 def _set_of(name: str) -> tuple[str, str]:

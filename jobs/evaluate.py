@@ -110,8 +110,8 @@ class Encoder:
 
     @torch.no_grad()
     def split(self, ds: EvalSet, split: str, texts: bool, probe: bool, maps: int = 0,
-              pointing: alignment.Pointing | None = None, finegrained: FineGrained | None = None,
-              features: bool = True) -> dict[str, Any]:
+              pointing: alignment.Pointing | None = None,
+              finegrained: tuple[FineGrained, FineGrained] | None = None, features: bool = True) -> dict[str, Any]:
         """Encode one split. features=False (the probe's train and val splits): only the probe's vectors are kept,
         no token features are written."""
         ev, m = self.recipe.eval, self.recipe.model
@@ -196,7 +196,8 @@ class Encoder:
                              alignment.scaled_box(obj, meta, size), others, centres)
 
 
-    def _finegrained(self, counter: FineGrained, img: Encoded, metas: list[dict[str, Any]], first: int) -> None:
+    def _finegrained(self, counters: tuple[FineGrained, FineGrained], img: Encoded, metas: list[dict[str, Any]],
+                     first: int) -> None:
         """Each image against its true caption and the captions that differ from it in one attribute."""
         m, ev = self.recipe.model, self.recipe.eval
         for i, meta in enumerate(metas):
@@ -208,12 +209,14 @@ class Encoder:
             texts = [true] + [c for a in ATTRIBUTES for c in negatives[a]]
             enc = encode_texts(self.model, texts, self.context, ev.batch_size)
             one = Encoded(img.tokens[i : i + 1], img.mask[i : i + 1], img.pooled[i : i + 1])
-            scores = similarity(one, enc, m.interaction, m.similarity_memory_mb, directions="i2t")[0][0].tolist()
-            by_attribute, at = {}, 1
-            for a in ATTRIBUTES:
-                by_attribute[a] = scores[at : at + len(negatives[a])]
-                at += len(negatives[a])
-            counter.add(scores[0], by_attribute)
+            both = similarity(one, enc, m.interaction, m.similarity_memory_mb)  # (s^I, s^T), each [1, texts]
+            for counter, direction in zip(counters, both):
+                scores = direction[0].tolist()
+                by_attribute, at = {}, 1
+                for a in ATTRIBUTES:
+                    by_attribute[a] = scores[at : at + len(negatives[a])]
+                    at += len(negatives[a])
+                counter.add(scores[0], by_attribute)
 
 
 def result(ds: EvalSet, task: str, metrics: dict[str, Any], model: str, pretrained: str) -> dict[str, Any]:
@@ -246,7 +249,7 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
     ev, m = recipe.eval, recipe.model
     block, mem = ev.batch_size, m.similarity_memory_mb
     pointing = alignment.Pointing() if ds.objects else None
-    finegrained = FineGrained() if ds.objects else None
+    finegrained = (FineGrained(), FineGrained("finegrained_sT")) if ds.objects else None
     probe = ds.linear_probe
     got = enc.split(ds, ds.eval_split, texts=ds.captions, probe=probe, maps=ev.alignment_images, pointing=pointing,
                     finegrained=finegrained)
@@ -286,7 +289,7 @@ def evaluate_set(enc: Encoder, ds: EvalSet, model_name: str, pretrained: str) ->
         results.append(result(ds, "linear_probe", metrics, model_name, pretrained))
         flat.update(_flat(ds, metrics, {}))
     if finegrained is not None:
-        metrics = finegrained.metrics()
+        metrics = {**finegrained[0].metrics(), **finegrained[1].metrics()}
         if metrics:
             results.append(result(ds, "finegrained_retrieval", metrics, model_name, pretrained))
             flat.update(_flat(ds, metrics, {}))

@@ -3,8 +3,11 @@
 For each held-out image of the shapes set and each attribute (colour, shape, position), one object
 is picked (seeded by the image's key) and every false alternative of that attribute is written into
 the caption: another colour no object in the image has, another shape, or a grid cell no object
-occupies. The image ranks its true caption and those hard negatives by s^I; R@1 per attribute is
-how often the true caption comes first. This is what token-wise late interaction is claimed to
+occupies. The image ranks its true caption and those hard negatives by s^I (the image->text score,
+`finegrained_*`); R@1 per attribute is how often the true caption comes first. The same ranking by
+s^T (mean over the caption's words of each word's best patch, `finegrained_sT_*`) says whether the
+words find the difference when the many background patches do not vote: under the global
+interaction both scores are the same number. This is what token-wise late interaction is claimed to
 improve: binding a word to the region it describes, where a pooled embedding can blur which
 colour belongs to which shape and where.
 """
@@ -38,7 +41,8 @@ def hard_negatives(objects: list[dict[str, Any]], key: str) -> dict[str, list[st
 class FineGrained:
     """Counts, per attribute, how often the true caption outscores all of its hard negatives."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "finegrained") -> None:
+        self.prefix = prefix
         self.hits = {a: 0 for a in ATTRIBUTES}
         self.all_hits = 0
         self.images = 0
@@ -59,9 +63,10 @@ class FineGrained:
         if not self.images:
             return {}
         total = sum(self.negatives.values()) / self.images
-        out = {"finegrained_R1": self.all_hits / self.images, "chance_finegrained_R1": 1.0 / (1.0 + total)}
+        p = self.prefix
+        out = {f"{p}_R1": self.all_hits / self.images, f"chance_{p}_R1": 1.0 / (1.0 + total)}
         for a in ATTRIBUTES:
-            out[f"finegrained_{a}_R1"] = self.hits[a] / self.images
-            out[f"chance_finegrained_{a}_R1"] = 1.0 / (1.0 + self.negatives[a] / self.images)
-        out["finegrained_images"] = float(self.images)
+            out[f"{p}_{a}_R1"] = self.hits[a] / self.images
+            out[f"chance_{p}_{a}_R1"] = 1.0 / (1.0 + self.negatives[a] / self.images)
+        out[f"{p}_images"] = float(self.images)
         return out
