@@ -27,7 +27,7 @@ for inter in ("global", "late"):
     CONFIGS[f"{inter} lr 3e-3"] = {"model.interaction": inter, "optim.base_lr": "3.0e-3"}
     CONFIGS[f"{inter} lr 1.2e-2"] = {"model.interaction": inter, "optim.base_lr": "1.2e-2"}
     CONFIGS[f"{inter} temp 0.02"] = {"model.interaction": inter, "model.init_temperature": "0.02"}
-    CONFIGS[f"{inter} 900 steps"] = {"model.interaction": inter, "train.steps": "900", "optim.warmup_steps": "90"}
+    CONFIGS[f"{inter} 600 steps"] = {"model.interaction": inter, "train.steps": "600", "optim.warmup_steps": "60"}
     CONFIGS[f"{inter} 2000 pairs"] = {"model.interaction": inter, "data.synthetic.train_samples": "2000"}
 CONFIGS["late no image [CLS]"] = {"model.interaction": "late", "model.late_image_cls": "false"}
 CONFIGS["late no [CLS] no [BOS]"] = {"model.interaction": "late", "model.late_image_cls": "false",
