@@ -19,7 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    # Markdown rewraps docstring paragraphs to the terminal; "rich" kept their line breaks and read
+    # "[lists]" in option help as a style tag.
+    rich_markup_mode="markdown",
 )
 recipe_app = typer.Typer(help="Check and inspect recipes without running anything.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")

@@ -234,3 +234,13 @@ def test_a_web_server_that_is_not_mlflow_is_named(tmp_path: Path) -> None:
 def test_errors_still_show_with_a_zero_terminal_width(tmp_path: Path) -> None:
     res = run_cli("recipe", "validate", SMOKE, "--set", "train.stepz=1", cwd=tmp_path, env={"COLUMNS": "0"})
     assert res.returncode == 2 and "train.stepz" in res.stderr and "unknown key" in res.stderr, res.stderr
+
+
+def test_help_rewraps_paragraphs_and_keeps_brackets(tmp_path: Path) -> None:
+    res = run_cli("reproduce", "--help", cwd=tmp_path, env={"COLUMNS": "80"})
+    lines = [ln.strip() for ln in res.stdout.splitlines()]
+    # One docstring paragraph, filled to the terminal: no line holds only the tail of a source line.
+    assert res.returncode == 0 and "one and what" not in lines and "step where the loss" not in lines, res.stdout
+    assert any(ln.startswith("Rebuild a tracked run") and len(ln) > 70 for ln in lines), res.stdout
+    res = run_cli("run", "--help", cwd=tmp_path, env={"COLUMNS": "100"})
+    assert "[lists]" in res.stdout, res.stdout  # option help is not read as rich markup
