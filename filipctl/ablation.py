@@ -21,6 +21,7 @@ from filipctl.schema import Recipe, apply_overrides
 COLUMNS = (("i2t_R1", "I2T R@1"), ("i2t_R5", "I2T R@5"), ("t2i_R1", "T2I R@1"), ("t2i_R5", "T2I R@5"),
            ("zeroshot_top1", "zero-shot top-1"), ("finegrained_R1", "fine-grained R@1"), ("pointing_acc", "pointing"))
 BASELINE = "baseline"
+SIGNIFICANT = 0.05  # Welch's t-test over seeds: a change marked * is unlikely to be seed noise alone
 
 
 def settings(components: list[str]) -> list[tuple[str, list[str]]]:
@@ -70,6 +71,7 @@ def table_rows(components: list[str], outcomes: dict[str, tuple[bool, dict[str, 
                                "failed": len(ok) < len(runs)}
         for key, _label in COLUMNS:
             values = [m[key] for m in ok if key in m]
+            row[f"{key}_values"] = values
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
@@ -78,7 +80,22 @@ def table_rows(components: list[str], outcomes: dict[str, tuple[bool, dict[str, 
         for key, _ in COLUMNS:
             both = row[key] is not None and base[key] is not None
             row[f"{key}_delta"] = (row[key] - base[key]) if both and row is not base else None
+            row[f"{key}_delta_se"], row[f"{key}_p"] = (
+                difference_test(base[f"{key}_values"], row[f"{key}_values"]) if row is not base else (None, None))
     return rows
+
+
+def difference_test(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
+    """(standard error of mean(b) - mean(a), two-sided p of Welch's t-test) over seeds; None with fewer than
+    two seeds on a side. Says whether a change stands out of the seed-to-seed spread."""
+    if len(a) < 2 or len(b) < 2:
+        return None, None
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    if se == 0:
+        return 0.0, (1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0)
+    from scipy import stats  # only here: the CLI's import stays light
+
+    return se, float(stats.ttest_ind(b, a, equal_var=False).pvalue)
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -88,7 +105,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if row[f"{key}_std"] is not None:
         text += f" ± {100 * row[f'{key}_std']:.1f}"
     if row[f"{key}_delta"] is not None:
-        text += f" ({100 * row[f'{key}_delta']:+.1f})"
+        se, p = row[f"{key}_delta_se"], row[f"{key}_p"]
+        spread = f" ± {100 * se:.1f}" if se is not None else ""
+        text += f" ({100 * row[f'{key}_delta']:+.1f}{spread}{'*' if p is not None and p < SIGNIFICANT else ''})"
     return text
 
 
@@ -99,14 +118,16 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         name = row["setting"] + (" **(failed)**" if row["failed"] else "")
         lines.append(f"| {name} | " + " | ".join(_cell(row, k) for k, _ in COLUMNS) + " |")
     lines += ["", "Percent on the held-out split; mean ± std over seeds where there are several; in brackets the "
-              "change against the baseline."]
+              "change against the baseline, ± its standard error over seeds; * where Welch's t-test over the "
+              f"seeds puts it outside the seed-to-seed spread (p < {SIGNIFICANT})."]
     return "\n".join(lines)
 
 
 def rich_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", caption="percent; (change vs baseline)")
+    table = Table(title=title, header_style="bold",
+                  caption=f"percent, mean ± std over seeds; (change vs baseline ± its standard error, * p < {SIGNIFICANT})")
     table.add_column("setting")
     for _, label in COLUMNS:
         table.add_column(label, justify="right")
