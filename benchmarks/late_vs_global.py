@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/late_vs_global.py [--only NAME,...] [--out runs/late-vs-global]
 
 Each configuration is the smoke recipe (300 steps, shapes set, seed 0) with a few `--set` overrides
-(the 600-step ones are the length recipes/ablation.yaml trains for), run through the real CLI; the stage graph caches every finished one, so a rerun only trains what is
-new. Prints one markdown row per configuration from its eval stage: retrieval R@1 both ways,
-zero-shot top-1, fine-grained R@1 (true caption vs captions differing in one attribute) overall and
-for position, and pointing accuracy.
+(the 600-step ones are the length recipes/ablation.yaml trains for), run through the real CLI; the
+stage graph caches every finished one, so a rerun only trains what is new. Prints one markdown row per
+configuration from its eval stage: retrieval R@1 both ways, zero-shot top-1, fine-grained R@1 (true
+caption vs captions differing in one attribute) overall and for position, and pointing accuracy.
 """
 
 from __future__ import annotations

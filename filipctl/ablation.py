@@ -126,9 +126,9 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
 def rich_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold",
-                  caption=f"percent, mean ± std over seeds; (change vs baseline ± its standard error, * p < {SIGNIFICANT})")
-    table.add_column("setting")
+    caption = f"percent, mean ± std over seeds; (change vs baseline ± its standard error, * p < {SIGNIFICANT})"
+    table = Table(title=title, header_style="bold", caption=caption)
+    table.add_column("setting", no_wrap=True, min_width=max(len(r["setting"]) for r in rows))
     for _, label in COLUMNS:
         table.add_column(label, justify="right")
     for row in rows:
