@@ -4,7 +4,7 @@
 
 For each size N it writes a retrieval set in clip_benchmark's layout (N shapes images, `--captions`
 captions each), then evaluates it with the smoke recipe's towers (random weights: the figures are
-about memory and time, not accuracy) in a fresh process, through jobs.evaluate's own code, and
+about memory and time, not accuracy) in a fresh process, through jobs.eval.evaluate's own code, and
 reports the token features written to disk, the process's peak resident set (ru_maxrss, which
 counts the memory-mapped feature pages: file-backed, the kernel evicts them under pressure) and its
 peak anonymous resident memory (RssAnon sampled every 50 ms: what cannot be evicted).
@@ -28,8 +28,8 @@ import json, resource, sys, time
 from pathlib import Path
 import torch
 from filipctl.recipes import load_recipe
-from jobs.evaluate import Encoder, evaluate_set
-from jobs.eval_sets import open_benchmark
+from jobs.eval.evaluate import Encoder, evaluate_set
+from jobs.eval.sets import open_benchmark
 from models.filip import build_model
 
 import threading
@@ -48,7 +48,7 @@ model = build_model(recipe.model).eval()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 enc = Encoder(model, recipe, scratch, scratch / "maps")
 # Keep the feature files to measure them: wrap FeatureFile.remove.
-from jobs import eval_features
+from jobs.eval import features as eval_features
 sizes = {}
 orig = eval_features.FeatureFile.remove
 def measure(self):

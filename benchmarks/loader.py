@@ -3,15 +3,15 @@
     .venv/bin/python benchmarks/loader.py [--samples 4000] [--per-shard 250] [--batches 100] [--warmup 10]
                                           [--recipe recipes/smoke.yaml] [--set key=value ...] [--data DIR]
 
-Writes a synthetic set in img2dataset's layout (jobs.synthetic.make_sample images at 224 px,
-jobs.shards.ShardWriter), then for every (world size, loader workers) runs each rank as its own
+Writes a synthetic set in img2dataset's layout (jobs.data.synthetic.make_sample images at 224 px,
+jobs.data.shards.ShardWriter), then for every (world size, loader workers) runs each rank as its own
 process, all ranks at once so that they compete for the cores as real ranks do (no process group:
-jobs.loader.TrainBatches takes the rank and world size as arguments). Each rank times `--batches`
+jobs.data.loader.TrainBatches takes the rank and world size as arguments). Each rank times `--batches`
 batches of `TrainBatches` after `--warmup` batches (worker start, shuffle buffer fill), the ranks'
 timed windows starting together, and reports pairs/s.
 
 MB read per rank per epoch is given twice:
-  planned   the on-disk bytes of the shards `jobs.loader.epoch_samples` assigns to the rank's readers
+  planned   the on-disk bytes of the shards `jobs.data.loader.epoch_samples` assigns to the rank's readers
             in epoch 0, got by running the real epoch_samples with iter_samples stubbed out;
   measured  the bytes that went through fsspec's file objects in the rank process and its DataLoader
             workers while they read epoch 0 (each rank keeps drawing after its timed window until all
@@ -39,8 +39,8 @@ MB = 1e6
 
 
 def make_dataset(out: Path, samples: int, per_shard: int, image_size: int) -> list[str]:
-    from jobs.shards import ShardWriter
-    from jobs.synthetic import make_sample
+    from jobs.data.shards import ShardWriter
+    from jobs.data.synthetic import make_sample
 
     with ShardWriter(str(out), per_shard) as sink:
         for i in range(samples):
@@ -58,7 +58,7 @@ def recipe_of(args: argparse.Namespace, workers: int):
 
 
 def sources_of(data: Path, samples: int, per_shard: int):
-    from jobs.loader import Source
+    from jobs.data.loader import Source
 
     shards = sorted(str(p) for p in data.glob("*.tar"))
     counts = [min(per_shard, samples - i * per_shard) for i in range(len(shards))]
@@ -67,7 +67,7 @@ def sources_of(data: Path, samples: int, per_shard: int):
 
 def planned_shards(recipe, sources, rank: int, world: int, epoch: int = 0) -> list[str]:
     """The shards the real `epoch_samples` hands this rank's readers in `epoch` (nothing is read)."""
-    import jobs.loader as L
+    import jobs.data.loader as L
 
     slots = max(1, recipe.data.loader_workers)
     plan = L.ReaderPlan(tuple(sources), world * slots, recipe.train.seed, recipe.data.shuffle_buffer)
@@ -95,8 +95,8 @@ def instrument(log_dir: Path, rank: int) -> None:
     epoch it was opened in and the bytes read from it."""
     import fsspec
 
-    import jobs.loader as L
-    import jobs.shards as S
+    import jobs.data.loader as L
+    import jobs.data.shards as S
 
     epoch = [0]
     real_epoch_samples = L.epoch_samples
@@ -138,7 +138,7 @@ def instrument(log_dir: Path, rank: int) -> None:
 
 
 def run_rank(args: argparse.Namespace) -> None:
-    from jobs.loader import TrainBatches
+    from jobs.data.loader import TrainBatches
 
     log_dir = Path(args.log_dir)
     instrument(log_dir, args.rank)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/status.py [--runs 1000] [--repeat 3]
 
 Builds a fresh MLflow sqlite store with RUNS finished pipelines (3 stages each, key metrics logged)
-through the project's own writer (filipctl.tracking.Tracker, which also keeps the state index), then
+through the project's own writer (filipctl.tracking.writer.Tracker, which also keeps the state index), then
 times the real CLI, `filipctl status` for the 10 newest and for all runs, from the state index and,
 for comparison, from MLflow alone (the index moved away).
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build(folder: Path, runs: int) -> str:
-    from filipctl.tracking import Tracker
+    from filipctl.tracking.writer import Tracker
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     tracker = Tracker(uri, "filip")

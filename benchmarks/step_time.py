@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/step_time.py [--recipe recipes/smoke.yaml] [--steps 30] [--set key=value ...]
 
-Runs the real pretraining job (jobs.pretrain under torchrun, DeepSpeed, gloo on CPU / NCCL on
+Runs the real pretraining job (jobs.train.pretrain under torchrun, DeepSpeed, gloo on CPU / NCCL on
 GPU) once per setting on the same generated data and reports the mean compute step time
 (forward, gather, loss, backward, optimizer step; data loading excluded; first steps skipped).
 """
@@ -41,7 +41,7 @@ def main() -> None:
               f"data.train={tmp / 'data' / 'train'}", f"data.eval={tmp / 'data' / 'eval'}",
               "data.synthetic.train_samples=2000", "data.synthetic.eval_samples=10",
               *args.sets]
-    from jobs.data import run as prepare_data
+    from jobs.data.prepare import run as prepare_data
 
     rows = []
     for name, sets in SETTINGS:
@@ -51,7 +51,7 @@ def main() -> None:
         run_dir.recipe.write_text(json.dumps(recipe_to_dict(recipe)))
         prepare_data(recipe, run_dir)  # the data stage: generate once, index into the run folder
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.pretrain", *worker_args(run_dir)]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.train.pretrain", *worker_args(run_dir)]
         env = {k: v for k, v in os.environ.items() if k not in JOB_ENV}  # nothing to report to
         subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -41,10 +41,10 @@ TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the st
 TAG_RAY_STORAGE = "filipctl.ray_storage"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_VARIANT = "filipctl.variant"  # on a variant run of an ablation: its setting
-TAG_ABLATION = "filipctl.ablation"  # on a variant run: the run id of its ablation
+TAG_ABLATION = "filipctl.orchestration.ablation"  # on a variant run: the run id of its ablation
 TAG_CACHED = "filipctl.cached"  # on a stage run: reused from an earlier run of the same key
 TAG_STAGE_KEY = "filipctl.stage_key"
-TAG_DATA_DIGEST = "filipctl.data_digest"  # sha256 of the data index: every shard's URL and digest (jobs/data_index.py)
+TAG_DATA_DIGEST = "filipctl.data_digest"  # sha256 of the data index: every shard's URL and digest (jobs/data/index.py)
 TAG_PATCH_DIGEST = "filipctl.git_patch_sha256"  # of the uncommitted changes logged as source.patch ("" = none)
 TAG_EVALUATED = "filipctl.evaluated"  # on a `filipctl eval` run: what it evaluated (run id or path)
 TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) that entered the stage keys
@@ -53,7 +53,7 @@ TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) 
 # -- the stage folder --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunDir:
-    """One folder per stage and content key (filipctl/graph.py): what the stage reads and writes.
+    """One folder per stage and content key (filipctl/orchestration/graph.py): what the stage reads and writes.
 
     A rerun of the same stage (same key) finds its folder again: its checkpoints to resume from, or
     its `done.json` when it completed, so it is not run twice. The stages it depends on are other
@@ -98,12 +98,8 @@ class RunDir:
         return self.root / "model.pt"
 
     @property
-    def pretrain_summary(self) -> Path:
-        return self.root / "pretrain.json"
-
-    @property
-    def eval_results(self) -> Path:
-        return self.root / "eval.json"
+    def result(self) -> Path:  # written by the job as it completes: the one channel of results to the CLI
+        return self.root / "result.json"
 
     @property
     def logs(self) -> Path:
@@ -139,6 +135,29 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_result(run_dir: RunDir, metrics: dict[str, float], digests: dict[str, str] | None = None,
+                 skipped: int = 0) -> None:
+    """What a completed job hands the control side (result.json in its stage folder): its final metrics, the
+    sha256 of what it produced or read (`{"model.pt": ..., "data": ...}`) and the samples it skipped.
+    The CLI reads this, never the metrics back from MLflow."""
+    import json
+
+    write_atomic(run_dir.result, json.dumps({"metrics": {k: float(v) for k, v in metrics.items()},
+                                             "digests": dict(digests or {}), "skipped_samples": int(skipped)},
+                                            indent=1))
+
+
+def read_result(run_dir: RunDir) -> dict | None:
+    """The job's result.json, or None when it wrote none (it did not complete) or it cannot be read."""
+    import json
+
+    try:
+        result = json.loads(run_dir.result.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("metrics"), dict) else None
 
 
 # -- the worker command line -------------------------------------------------------------------------

@@ -179,7 +179,7 @@ BACKEND_NAMES = ("local", "slurm", "ray")
 
 def profile_dirs() -> list[Path]:
     """Where `--cluster NAME` looks for NAME.yaml: ./clusters, then the clusters/ shipped with filipctl."""
-    from filipctl.provenance import SOURCE_ROOT
+    from filipctl.tracking.provenance import SOURCE_ROOT
 
     dirs = [Path.cwd() / "clusters", SOURCE_ROOT / "clusters"]
     return list(dict.fromkeys(d.resolve() for d in dirs))
@@ -260,7 +260,7 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     """Hash of what determines the trained weights, tagged on every pipeline run (filipctl.fingerprint).
 
     Tracking, cluster and eval settings are left out, as they are from the stages' content keys
-    (filipctl/graph.py), which decide what is reused.
+    (filipctl/orchestration/graph.py), which decide what is reused.
     """
     d = recipe_to_dict(recipe)
     for key in ("tracking", "cluster", "eval", "description", "output_dir", "ablation"):

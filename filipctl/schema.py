@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 CLIP_VOCAB_SIZE = 49408
 
 
-# Where MLflow can keep runs (filipctl.tracking checks that the store answers before a run starts).
+# Where MLflow can keep runs (filipctl.tracking.writer checks that the store answers before a run starts).
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql://", "mysql://", "mssql://", "databricks")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from jobs.synthetic import CLASSES, make_sample
+from jobs.data.synthetic import CLASSES, make_sample
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from filipctl import ablation
+from filipctl.orchestration import ablation
 
 
 def _outcomes(per_setting: dict[str, list[float]]) -> dict[str, tuple[bool, dict[str, float]]]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs import backtranslate
-from jobs.backtranslate import backtranslate_shards
-from jobs.shards import ShardWriter, caption, iter_samples, metadata
+from jobs.data import backtranslate
+from jobs.data.backtranslate import backtranslate_shards
+from jobs.data.shards import ShardWriter, caption, iter_samples, metadata
 
 SENTENCES = [
     "a red apple on the table", "a dog running on the beach", "a wooden house next to a lake",

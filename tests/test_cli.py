@@ -22,7 +22,7 @@ def test_light_commands_import_no_heavy_library(argv: list[str]) -> None:
     probe = (
         "import sys\n"
         f"sys.argv = ['filipctl', *{argv!r}]\n"
-        "from filipctl.cli import main\n"
+        "from filipctl.cli.app import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
         f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], 'CODE', code)\n"
     )
@@ -109,13 +109,13 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     # status reads the state index the run kept beside the store: the same rows, without importing MLflow.
     probe = ("import json, sys\n"
              f"sys.argv = ['filipctl', 'status', '--json', '--tracking-uri', 'sqlite:///{tmp_path / 'mlflow.db'}']\n"
-             "from filipctl.cli import main\n"
+             "from filipctl.cli.app import main\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
              "print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr)\n")
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "MLFLOW False" in res.stderr, res.stderr
     fast = json.loads(res.stdout)
-    from filipctl.status import collect
+    from filipctl.orchestration.status import collect
 
     from_mlflow = collect(client, "filip", 10)
     assert [(r["run_id"], r["state"], [(s["stage"], s["state"], s["value"]) for s in r["stages"]]) for r in fast] == \

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from jobs.shards import ShardWriter, iter_samples
+from jobs.data.shards import ShardWriter, iter_samples
 from tests.conftest import run_cli
 
 

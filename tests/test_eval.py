@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from filipctl.contract import JobError
-from jobs import alignment
-from jobs.eval_features import FeatureFile
-from jobs.eval_metrics import class_scores, classification, retrieval
-from jobs.eval_sets import batches, held_out_set, open_benchmark
-from jobs.linear_probe import linear_probe
-from jobs.shards import ErrorLog
+from jobs.eval import alignment
+from jobs.eval.features import FeatureFile
+from jobs.eval.scoring import class_scores, classification, retrieval
+from jobs.eval.sets import batches, held_out_set, open_benchmark
+from jobs.eval.linear_probe import linear_probe
+from jobs.data.shards import ErrorLog
 from models.filip import Encoded
 from models.interaction import global_similarity, late_interaction
 from tests.benchmark_sets import classification_set, retrieval_set, write_split
@@ -143,7 +143,7 @@ def test_clip_benchmark_layouts_are_read_as_written(tmp_path: Path) -> None:
     problems = ErrorLog()
     got = [b for b in batches(ds, "test", 32, 4, problems)]
     labels = [label for b in got for label in b.labels]
-    from jobs.synthetic import make_sample
+    from jobs.data.synthetic import make_sample
     assert labels == [make_sample(7, "test", i, 64, 2)[2]["label"] for i in range(11)]
     assert [b.images.shape[0] for b in got] == [4, 4, 3] and got[0].images.shape[1:] == (3, 32, 32)
 
@@ -200,7 +200,7 @@ def test_probe_splits_are_looked_for_only_when_a_probe_runs(tmp_path: Path) -> N
 
 
 def test_blank_class_names_keep_their_index_as_clip_benchmark_reads_them() -> None:
-    from jobs.eval_sets import _classnames
+    from jobs.eval.sets import _classnames
 
     assert _classnames("cat\n\ndog\n\n") == ["cat", "", "dog"]
 
@@ -233,8 +233,8 @@ def test_word_positions_in_a_prompt() -> None:
 
 def test_held_out_split_reads_captions_labels_and_boxes(tmp_path: Path) -> None:
     from filipctl.schema import SyntheticData
-    from jobs.data_index import read_classnames, resolve_shards
-    from jobs.synthetic import generate
+    from jobs.data.index import read_classnames, resolve_shards
+    from jobs.data.synthetic import generate
 
     generate(str(tmp_path / "train"), str(tmp_path / "eval"), SyntheticData(train_samples=4, eval_samples=6,
              samples_per_shard=4, image_size=32, max_objects=2, seed=3))
@@ -277,8 +277,8 @@ def test_a_set_on_s3_is_read_like_a_local_one(tmp_path: Path, monkeypatch: pytes
 
 
 def test_hard_negatives_differ_in_exactly_one_attribute() -> None:
-    from jobs.hard_negatives import FineGrained, hard_negatives
-    from jobs.synthetic import caption_of
+    from jobs.eval.hard_negatives import FineGrained, hard_negatives
+    from jobs.data.synthetic import caption_of
 
     objects = [{"colour": "red", "shape": "circle", "position": "top left"},
                {"colour": "blue", "shape": "square", "position": "center"}]
@@ -319,7 +319,7 @@ def _tar_samples(folder: Path) -> list[dict[str, bytes]]:
 
 
 def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp_path: Path) -> None:
-    """jobs.evaluate on a random model, tiny sets in clip_benchmark's and img2dataset's layouts, small scoring blocks,
+    """jobs.eval.evaluate on a random model, tiny sets in clip_benchmark's and img2dataset's layouts, small scoring blocks,
     against: images decoded from the tars directly, one forward pass, the reference late interaction over the
     full score matrix, plain loops."""
     import io
@@ -328,11 +328,11 @@ def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp
 
     from filipctl.recipes import load_recipe
     from filipctl.schema import SyntheticData
-    from jobs.data_index import read_classnames, resolve_shards
-    from jobs.evaluate import Encoder, evaluate_set, prompts_for
-    from jobs.hard_negatives import ATTRIBUTES, hard_negatives
-    from jobs.loader import image_transform
-    from jobs.synthetic import caption_of, generate
+    from jobs.data.index import read_classnames, resolve_shards
+    from jobs.eval.evaluate import Encoder, evaluate_set, prompts_for
+    from jobs.eval.hard_negatives import ATTRIBUTES, hard_negatives
+    from jobs.data.loader import image_transform
+    from jobs.data.synthetic import caption_of, generate
     from models.filip import build_model
     from models.tokenizer import tokenize
     from tests.conftest import ROOT

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.filters import FilterRules, filter_shards, is_meaningless
-from jobs.shards import ShardWriter, caption, iter_samples
+from jobs.data.filters import FilterRules, filter_shards, is_meaningless
+from jobs.data.shards import ShardWriter, caption, iter_samples
 
 
 def _png(w: int, h: int) -> bytes:

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from filipctl.recipes import load_recipe
-from jobs.loader import ReaderPlan, ReaderStream, Problems, Source, TrainBatches, epoch_samples
-from jobs.shards import ShardWriter
+from jobs.data.loader import ReaderPlan, ReaderStream, Problems, Source, TrainBatches, epoch_samples
+from jobs.data.shards import ShardWriter
 from tests.conftest import ROOT
 
 

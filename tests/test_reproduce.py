@@ -65,7 +65,7 @@ def test_reproduce_verify_then_diff_names_exactly_what_changed(tmp_path: Path, t
     # 3. The verdict on runs that differ: the first differing step and the size of the difference.
     from mlflow.tracking import MlflowClient
 
-    from filipctl import reproduce as rp
+    from filipctl.orchestration import reproduce as rp
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     verdict = rp.verify(client, rp.load_record(client, client.get_run(original)),
@@ -83,7 +83,7 @@ def test_a_run_records_what_rebuilds_it(tmp_path: Path, tiny: list[str]) -> None
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(json.loads(res.stdout)["run_id"])
     tags = run.data.tags
-    from filipctl.provenance import git_state, source_patch
+    from filipctl.tracking.provenance import git_state, source_patch
 
     assert tags["filipctl.git_commit"] == git_state()["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -107,7 +107,7 @@ def test_the_source_patch_rebuilds_every_kind_of_change(tmp_path: Path) -> None:
     worktree at the commit with it applied holds exactly the changed tree; a large untracked file is named."""
     import subprocess
 
-    from filipctl import provenance
+    from filipctl.tracking import provenance
 
     repo = tmp_path / "repo"
     repo.mkdir()

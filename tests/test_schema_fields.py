@@ -54,7 +54,7 @@ def test_the_check_catches_a_field_nobody_reads() -> None:
     """The detector is not vacuous: a section with one field nobody reads is flagged, and only that field."""
 
     class Probe(Section):
-        shuffle_buffer: int = Field(1, description="read by jobs/loader.py")
+        shuffle_buffer: int = Field(1, description="read by jobs/data/loader.py")
         prefetch_factor_nobody_reads: int = Field(2, description="read by nothing")
 
     class ProbeRecipe(Section):

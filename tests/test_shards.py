@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.shards import ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
+from jobs.data.shards import ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
 
 
 def _png(w: int, h: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:

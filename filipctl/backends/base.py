@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from filipctl.contract import RunDir, worker_argv
-from filipctl.stages import Stage
+from filipctl.orchestration.stages import Stage
 
 
 class JobState(str, Enum):

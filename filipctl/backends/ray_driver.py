@@ -24,7 +24,7 @@ from typing import Any
 from filipctl.backends.ray import missing_resources, probe_address
 from filipctl.contract import TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, forwarded_env, read_recipe
 from filipctl.schema import RayProfile, Recipe
-from filipctl.stages import Stage, find_stage
+from filipctl.orchestration.stages import Stage, find_stage
 
 
 class RayCheckpoints:
@@ -33,7 +33,7 @@ class RayCheckpoints:
     def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
         import ray.train
 
-        from jobs.checkpoints import read_data_state
+        from jobs.train.checkpoints import read_data_state
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
@@ -47,7 +47,7 @@ class RayCheckpoints:
     def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:
         import ray.train
 
-        from jobs.checkpoints import write_data_state
+        from jobs.train.checkpoints import write_data_state
 
         with tempfile.TemporaryDirectory(prefix="filip-ckpt-") as tmp:
             write_data_state(Path(tmp) / f"step{step}", engine.global_rank, data_state)
@@ -104,7 +104,7 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     if problem:  # Ray would wait for the resources forever: say so now
         raise JobError(problem)
     name = run_dir.root.name  # = <recipe>-<fingerprint>
-    from jobs.metrics import StageLogger
+    from jobs.stage_logger import StageLogger
 
     StageLogger(True).tags({TAG_RAY_RUN: name, TAG_RAY_STORAGE: profile.storage_path})
     trainer = TorchTrainer(

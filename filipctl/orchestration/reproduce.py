@@ -1,6 +1,6 @@
 """`filipctl reproduce` and `filipctl diff`: rebuild a tracked run from what MLflow holds, compare two runs.
 
-What a run records (filipctl/pipeline.py, GraphRun.track and record_data): the resolved recipe
+What a run records (filipctl/orchestration/pipeline.py, GraphRun.track and record_data): the resolved recipe
 (recipe.yaml, and as params), git commit + the uncommitted changes (source.patch, its digest as a tag),
 the worker code's digest, every installed distribution with python, platform and thread settings
 (versions.json), the data index's digest and dataset inputs, and per stage its content key; the
@@ -27,7 +27,7 @@ from typing import Any
 from filipctl.contract import (TAG_CACHED, TAG_CODE_DIGEST, TAG_DATA_DIGEST, TAG_EVALUATED, TAG_KIND, TAG_PATCH_DIGEST,
                                TAG_STAGE, TAG_WORKDIR)
 from filipctl.errors import FilipctlError
-from filipctl.provenance import SOURCE_ROOT
+from filipctl.tracking.provenance import SOURCE_ROOT
 
 # Recipe keys that say where a run went, not what it computed.
 NOT_RESULTS = ("output_dir", "description", "tracking.")
@@ -75,7 +75,7 @@ def _producer(client, stage_run):
 
 
 def load_record(client, run) -> RunRecord:
-    from filipctl.runs import stage_runs
+    from filipctl.tracking.runs import stage_runs
 
     if run.data.tags.get(TAG_KIND) not in ("pipeline", "variant"):
         raise FilipctlError(f"run {run.info.run_name} is a {run.data.tags.get(TAG_KIND, 'non-filipctl')} run; give a "

@@ -1,6 +1,6 @@
 """The data stage: generate the synthetic set if asked, apply the paper's filters if asked, then index the shards.
 
-    python -m jobs.data --workdir DIR         (writes DIR/data.json, the index every later stage reads)
+    python -m jobs.data.prepare --workdir DIR         (writes DIR/data.json, the index every later stage reads)
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from filipctl.contract import TAG_DATA_DIGEST, JobError, RunDir, job_main
 from filipctl.schema import DataConfig, FilterConfig, Recipe
-from jobs.data_index import build_index, load_index, resolve_shards, write_index
+from jobs.data.index import build_index, load_index, resolve_shards, write_index
 from jobs.events import emit
-from jobs.metrics import StageLogger
-from jobs.synthetic import generate
+from jobs.stage_logger import StageLogger
+from jobs.data.synthetic import generate
 
 
 def _progress(what: str, every_fraction: float = 0.05):
@@ -34,7 +34,7 @@ def make_synthetic(data: DataConfig) -> None:
 
 
 def filter_rules(cfg: FilterConfig):
-    from jobs.filters import RULES, FilterRules
+    from jobs.data.filters import RULES, FilterRules
 
     enabled = tuple(r for r in RULES if (r != "meaningless" or cfg.meaningless) and (r != "language" or cfg.language))
     return FilterRules(min_side=cfg.min_side, max_aspect=cfg.max_aspect, language=cfg.language or "en",
@@ -47,7 +47,7 @@ def filter_sources(data: DataConfig, logger: StageLogger) -> list[tuple[str, flo
 
     A source whose filtered copy was made from the same shards with the same rules is reused.
     """
-    from jobs.filters import filter_shards
+    from jobs.data.filters import filter_shards
 
     cfg = data.filter
     assert cfg is not None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import fsspec
 
 from filipctl.contract import JobError, RunDir, file_sha256, write_atomic
-from jobs.shards import count_samples, expand_urls, iter_samples
+from jobs.data.shards import count_samples, expand_urls, iter_samples
 
 if TYPE_CHECKING:
     from filipctl.schema import DataConfig

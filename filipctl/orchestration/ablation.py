@@ -17,7 +17,7 @@ from filipctl.schema import Recipe, apply_overrides
 
 # The paper's columns: MSCOCO-style retrieval R@1/R@5 both ways and zero-shot top-1, here on the held-out split;
 # then what late interaction is meant to improve: retrieval against captions that differ in one attribute
-# (jobs/hard_negatives.py) and word-patch pointing accuracy (jobs/alignment.py).
+# (jobs/eval/hard_negatives.py) and word-patch pointing accuracy (jobs/eval/alignment.py).
 COLUMNS = (("i2t_R1", "I2T R@1"), ("i2t_R5", "I2T R@5"), ("t2i_R1", "T2I R@1"), ("t2i_R5", "T2I R@5"),
            ("zeroshot_top1", "zero-shot top-1"), ("finegrained_R1", "fine-grained R@1"), ("pointing_acc", "pointing"))
 BASELINE = "baseline"
@@ -175,7 +175,7 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
     """
     import tempfile
 
-    from filipctl.pipeline import GraphRun, run_graph
+    from filipctl.orchestration.pipeline import GraphRun, run_graph
 
     run = GraphRun(variants(recipe, components, seeds), console, force=force)
     if dry_run:

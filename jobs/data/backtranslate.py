@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 
-from jobs.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, iter_samples, metadata
+from jobs.data.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, iter_samples, metadata
 
 ALT_CAPTIONS = "alt_captions"
 MAX_ERRORS_REPORTED = 100

@@ -25,13 +25,13 @@ class Stage:
 
 def plan(recipe: Recipe) -> list[Stage]:
     stages = [
-        Stage("data", "jobs.data", key_metric="train_pairs"),
-        Stage("pretrain", "jobs.pretrain", processes=recipe.train.workers, distributed=True,
+        Stage("data", "jobs.data.prepare", key_metric="train_pairs"),
+        Stage("pretrain", "jobs.train.pretrain", processes=recipe.train.workers, distributed=True,
               after=("data",), key_metric="final_loss"),
     ]
     ev = recipe.eval
     if ev.enabled and ((ev.held_out and recipe.data.eval is not None) or ev.datasets):
-        stages.append(Stage("eval", "jobs.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
+        stages.append(Stage("eval", "jobs.eval.evaluate", after=("pretrain",), key_metric="zeroshot_top1"))
     return stages
 
 

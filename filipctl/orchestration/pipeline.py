@@ -1,6 +1,6 @@
 """Run a stage graph through a backend, tracked in MLflow, with progress on the console.
 
-`filipctl run` is the graph of one variant; `filipctl ablate` the graph of several (filipctl/graph.py).
+`filipctl run` is the graph of one variant; `filipctl ablate` the graph of several (filipctl/orchestration/graph.py).
 
     preflight  the tracking store answers, the run folders can be made, the scheduler accepts each job
     track      the stage folders (recipe.json, inputs.json), the MLflow runs: one per variant, one per
@@ -28,13 +28,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from filipctl import provenance, tracking
+from filipctl import tracking
+from filipctl.tracking import provenance
 from filipctl.backends import Backend, JobRequest, JobState, get_backend
 from filipctl.contract import (TAG_ABLATION, TAG_CACHED, TAG_CLUSTER, TAG_CODE_DIGEST, TAG_DATA_DIGEST,
                                TAG_FINGERPRINT, TAG_JOB, TAG_PARENT, TAG_PATCH_DIGEST, TAG_RECIPE_PATH, TAG_STAGE_KEY,
                                TAG_VARIANT, TAG_WORKDIR, job_env, write_atomic)
 from filipctl.errors import FilipctlError
-from filipctl.graph import Graph, Node, build_graph, code_digest
+from filipctl.orchestration.graph import Graph, Node, build_graph, code_digest
 from filipctl.recipes import recipe_fingerprint, recipe_to_dict
 from filipctl.schema import Recipe
 
@@ -341,7 +342,7 @@ class GraphRun:
 
     def record_data(self, node: Node) -> None:
         """What a data stage indexed, on each of its variants' runs: MLflow dataset inputs (train, eval) named by
-        their URL with the content digest of every shard (jobs/data_index.py), and the digest as a tag."""
+        their URL with the content digest of every shard (jobs/data/index.py), and the digest as a tag."""
         if node.stage.name != "data":
             return
         try:

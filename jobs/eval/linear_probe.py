@@ -55,7 +55,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
                  val_x: np.ndarray | None = None, val_y: np.ndarray | None = None, val_fraction: float = 0.2,
                  seed: int = 0) -> dict[str, float | None]:
     """clip_benchmark's linear-probe metrics (lp_acc1, lp_acc5, lp_mean_per_class_recall) and the chosen C."""
-    from jobs.eval_metrics import balanced_accuracy
+    from jobs.eval.scoring import balanced_accuracy
 
     if len(np.unique(train_y)) < 2:
         raise ValueError("the train split holds fewer than two classes: nothing to probe")

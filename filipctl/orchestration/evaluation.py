@@ -59,7 +59,7 @@ def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: f
     if "/" in target or target.endswith(".pt"):
         raise FilipctlError(f"{target}: no such file or folder")
     from filipctl import tracking
-    from filipctl.runs import find_pipeline
+    from filipctl.tracking.runs import find_pipeline
 
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_store(uri, timeout_s, must_exist=True)
@@ -143,9 +143,9 @@ class EvalResult:
 
 
 def run_eval(source: Source, recipe: Recipe, console: Console, force: bool = False) -> EvalResult:
-    from filipctl.graph import external_graph
-    from filipctl.pipeline import GraphRun, align_to_cluster, run_graph
-    from filipctl.stages import Stage, find_stage
+    from filipctl.orchestration.graph import external_graph
+    from filipctl.orchestration.pipeline import GraphRun, align_to_cluster, run_graph
+    from filipctl.orchestration.stages import Stage, find_stage
 
     t0 = time.time()
     ev = recipe.eval

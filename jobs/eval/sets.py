@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from filipctl.contract import JobError
-from jobs.data_index import resolve_shards
-from jobs.loader import decode_image, image_transform
-from jobs.shards import ErrorLog, caption, iter_samples, metadata
+from jobs.data.index import resolve_shards
+from jobs.data.loader import decode_image, image_transform
+from jobs.data.shards import ErrorLog, caption, iter_samples, metadata
 
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 

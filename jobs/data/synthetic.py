@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import fsspec
 from PIL import Image, ImageDraw
 
-from jobs.shards import ShardWriter
+from jobs.data.shards import ShardWriter
 
 if TYPE_CHECKING:
     from filipctl.schema import SyntheticData

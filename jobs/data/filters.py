@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 
-from jobs.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
+from jobs.data.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
 
 RULES: tuple[str, ...] = ("min_side", "aspect", "meaningless", "language", "repeated")
 MAX_ERRORS_REPORTED = 100

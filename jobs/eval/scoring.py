@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from jobs.eval_features import FeatureFile
+from jobs.eval.features import FeatureFile
 from models.interaction import similarity
 
 TIE = 1e-6  # fp32 similarities are means of unit-vector dot products: rounding differences stay below this

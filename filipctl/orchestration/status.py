@@ -14,7 +14,7 @@ from typing import Any
 from filipctl.backends import JobState, get_backend
 from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_RAY_RUN, TAG_RECIPE,
                                TAG_STAGE, TAG_VARIANT)
-from filipctl.runs import pipelines, stage_runs
+from filipctl.tracking.runs import pipelines, stage_runs
 from filipctl.tracking import ACTIVE
 
 # What MLflow should say once the scheduler says this.
@@ -102,7 +102,7 @@ def _pipeline_row(client, p, ask_scheduler: bool) -> dict[str, Any]:
 
 
 def collect_state(store, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
-    """As `collect`, from the state index (filipctl/state.py): no MLflow import, milliseconds for any store size."""
+    """As `collect`, from the state index (filipctl/orchestration/state_index.py): no MLflow import, milliseconds for any store size."""
 
     def run_row(r: dict[str, Any]) -> dict[str, Any]:
         return {"kind": r["kind"], "name": r["name"], "run_id": r["run_id"], "recipe": r["recipe"],

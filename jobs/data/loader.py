@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from jobs.shards import ErrorLog, caption, image_key, iter_samples, metadata
+from jobs.data.shards import ErrorLog, caption, image_key, iter_samples, metadata
 from models.tokenizer import tokenize
 
 if TYPE_CHECKING:

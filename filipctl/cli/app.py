@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from filipctl.cli_data import data_app
+from filipctl.cli.data import data_app
 from filipctl.errors import FilipctlError, UsageProblem
 
 app = typer.Typer(
@@ -93,7 +93,7 @@ def run(
     if cluster is not None and not cluster.strip():
         raise UsageProblem("--cluster needs a profile name (clusters/NAME.yaml) or a backend: local, slurm, ray")
     r = _load(recipe, set_, cluster)  # validation first: a bad recipe writes nothing anywhere
-    from filipctl import pipeline
+    from filipctl.orchestration import pipeline
 
     console = err if as_json else out
     if dry_run:
@@ -116,7 +116,7 @@ def run(
         return
     ev = result.metrics.get("eval")
     if ev:
-        from filipctl.eval_report import tables
+        from filipctl.reports.eval_tables import tables
 
         for t in tables(ev):
             out.print(t)
@@ -151,8 +151,8 @@ def ablate(
     """
     from pathlib import Path
 
-    from filipctl import ablation
-    from filipctl.provenance import SOURCE_ROOT
+    from filipctl.orchestration import ablation
+    from filipctl.tracking.provenance import SOURCE_ROOT
 
     path = recipe
     if path is None:
@@ -194,8 +194,8 @@ def status(
     Stages MLflow still shows as queued or running are checked with their scheduler (sacct on
     Slurm) and MLflow is corrected when the job has started or ended.
     """
-    from filipctl import status as st
-    from filipctl.state import StateStore
+    from filipctl.orchestration import status as st
+    from filipctl.orchestration.state_index import StateStore
     from filipctl.tracking import Tracker, open_store
 
     uri = _tracking_uri(tracking_uri, tracking_timeout)
@@ -246,7 +246,7 @@ def eval_(
 
       filipctl eval runs/stages/pretrain-0123abcd/model.pt --no-held-out -d data/wds_cifar10
     """
-    from filipctl import evaluation
+    from filipctl.orchestration import evaluation
 
     sets = list(set_ or [])
     if tracking_uri:
@@ -260,7 +260,7 @@ def eval_(
         print(json.dumps({"run_id": result.run_id, "folder": str(result.folder), "cached": result.cached,
                           "metrics": result.metrics, "results": result.results}, indent=1))
         return
-    from filipctl.eval_report import tables
+    from filipctl.reports.eval_tables import tables
 
     for t in tables(result.metrics):
         out.print(t)
@@ -296,9 +296,9 @@ def reproduce(
     """
     from pathlib import Path
 
-    from filipctl import reproduce as rp
-    from filipctl.runs import find_pipeline
-    from filipctl.provenance import package_versions
+    from filipctl.orchestration import reproduce as rp
+    from filipctl.tracking.runs import find_pipeline
+    from filipctl.tracking.provenance import package_versions
     from filipctl.tracking import open_store
 
     uri = _tracking_uri(tracking_uri, tracking_timeout)
@@ -351,8 +351,8 @@ def diff(
 
     Where a run went (output_dir, tracking) is not a difference; loss curves and metrics are results, not causes.
     """
-    from filipctl import reproduce as rp
-    from filipctl.runs import find_pipeline
+    from filipctl.orchestration import reproduce as rp
+    from filipctl.tracking.runs import find_pipeline
     from filipctl.tracking import open_store
 
     client = open_store(_tracking_uri(tracking_uri, tracking_timeout))
@@ -390,7 +390,7 @@ def logs(
 ) -> None:
     """Print the job logs of a run's stages, wherever they ran (local processes or Slurm jobs)."""
     from filipctl.backends import get_backend
-    from filipctl.runs import find_pipeline, stage_jobs
+    from filipctl.tracking.runs import find_pipeline, stage_jobs
     from filipctl.tracking import open_store
 
     client = open_store(_tracking_uri(tracking_uri, tracking_timeout))
@@ -414,8 +414,8 @@ def cancel(
 ) -> None:
     """Cancel a run: every stage not yet finished is cancelled on its backend and marked KILLED in MLflow."""
     from filipctl.backends import JobState, get_backend
-    from filipctl.runs import find_pipeline, stage_jobs
-    from filipctl.status import TO_MLFLOW, job_label, scheduler_state
+    from filipctl.tracking.runs import find_pipeline, stage_jobs
+    from filipctl.orchestration.status import TO_MLFLOW, job_label, scheduler_state
     from filipctl.tracking import ACTIVE, TERMINAL, Tracker, open_store
 
     uri = _tracking_uri(tracking_uri, tracking_timeout)

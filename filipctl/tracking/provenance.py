@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGES = ("filipctl", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "mlflow", "webdataset",
             "fsspec", "s3fs", "pydantic", "typer", "numpy", "ray", "submitit")
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository: filipctl/tracking/ -> root
 
 
 def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:

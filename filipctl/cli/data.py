@@ -1,6 +1,6 @@
 """`filipctl data ...`: the data tools on their own, on any shards in img2dataset's layout.
 
-The same code the data stage runs (jobs/filters.py, jobs/backtranslate.py); its options are the
+The same code the data stage runs (jobs/data/filters.py, jobs/data/backtranslate.py); its options are the
 recipe's `data.filter` keys, so `filipctl recipe keys` documents both.
 """
 
@@ -39,7 +39,7 @@ def _progress(console: Console, what: str):
 
 def _shards(url: str) -> list[str]:
     from filipctl.contract import JobError
-    from jobs.data_index import resolve_shards
+    from jobs.data.index import resolve_shards
 
     try:
         return resolve_shards(url)
@@ -67,8 +67,8 @@ def filter_command(
 
     from filipctl.recipes import parse_override
     from filipctl.schema import FilterConfig
-    from jobs.data import filter_rules
-    from jobs.filters import filter_shards
+    from jobs.data.prepare import filter_rules
+    from jobs.data.filters import filter_shards
 
     values: dict[str, Any] = {"output": output_url}
     for text in set_ or []:
@@ -109,7 +109,7 @@ def backtranslate_command(
     """
     from pathlib import Path
 
-    from jobs.backtranslate import backtranslate_shards
+    from jobs.data.backtranslate import backtranslate_shards
 
     pivots: dict[str, tuple[str, str]] = {}
     for text in pivot:

@@ -1,6 +1,6 @@
 """Evaluate a pretrained FILIP: zero-shot classification, retrieval, linear probe, word-patch alignment.
 
-    python -m jobs.evaluate --workdir DIR
+    python -m jobs.eval.evaluate --workdir DIR
 
 Reads the weights named by DIR/inputs.json "pretrain" (a pretrain stage folder's model.pt, or a
 state-dict file) and, when the recipe evaluates the held-out split, the data stage's index
@@ -22,19 +22,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from filipctl.contract import JobError, RunDir, file_sha256, job_main, write_atomic
+from filipctl.contract import JobError, RunDir, file_sha256, job_main, write_atomic, write_result
 from filipctl.schema import Recipe
-from jobs import alignment
-from jobs.data_index import load_index
-from jobs.eval_features import FeatureFile
-from jobs.eval_metrics import class_scores, classification, retrieval
-from jobs.eval_sets import EvalSet, batches, held_out_set, open_benchmark
+from jobs.eval import alignment
+from jobs.data.index import load_index
+from jobs.eval.features import FeatureFile
+from jobs.eval.scoring import class_scores, classification, retrieval
+from jobs.eval.sets import EvalSet, batches, held_out_set, open_benchmark
 from jobs.events import emit
-from jobs.hard_negatives import ATTRIBUTES, FineGrained, hard_negatives
-from jobs.linear_probe import linear_probe
-from jobs.metrics import StageLogger
-from jobs.shards import ErrorLog
-from jobs.synthetic import caption_of
+from jobs.eval.hard_negatives import ATTRIBUTES, FineGrained, hard_negatives
+from jobs.eval.linear_probe import linear_probe
+from jobs.stage_logger import StageLogger
+from jobs.data.shards import ErrorLog
+from jobs.data.synthetic import caption_of
 from models.filip import FILIP, Encoded, build_model
 from models.interaction import similarity
 from models.tokenizer import tokenize
@@ -341,7 +341,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> None:
             write_atomic(path, json.dumps(res, indent=1))
         logger.metrics(flat)
     shutil.rmtree(scratch, ignore_errors=True)
-    write_atomic(run_dir.eval_results, json.dumps(metrics, indent=1))
+    write_result(run_dir, metrics, digests={"model.pt": digest}, skipped=int(sum(v for k, v in metrics.items() if k.endswith("skipped_samples"))))
     if logger.run_id:
         for path in sorted(results_dir.glob("*.json")):
             logger.artifact(str(path), "clip_benchmark")

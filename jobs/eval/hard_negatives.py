@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from jobs.synthetic import COLOURS, POSITIONS, SHAPES, caption_of
+from jobs.data.synthetic import COLOURS, POSITIONS, SHAPES, caption_of
 
 ATTRIBUTES = ("colour", "shape", "position")
 

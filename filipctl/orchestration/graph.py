@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from filipctl.contract import RunDir
-from filipctl.provenance import SOURCE_ROOT
+from filipctl.tracking.provenance import SOURCE_ROOT
 from filipctl.recipes import recipe_to_dict
 from filipctl.schema import Recipe
-from filipctl.stages import Stage, plan
+from filipctl.orchestration.stages import Stage, plan
 
 # The recipe values each stage reads: what enters its key.
 READS: dict[str, tuple[str, ...]] = {

@@ -1,7 +1,7 @@
 """Metric logging from workers: rank 0 writes to the stage's MLflow run, every other rank is silent.
 
 Workers log metrics, artifacts and tags only. A run's state (scheduled, running, finished,
-failed, killed) is written on the control side alone, by filipctl.tracking.Tracker.
+failed, killed) is written on the control side alone, by filipctl.tracking.writer.Tracker.
 """
 
 from __future__ import annotations

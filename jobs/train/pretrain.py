@@ -1,6 +1,6 @@
 """FILIP pretraining on one worker process; every backend starts N of these (torchrun, Slurm tasks, Ray workers).
 
-    python -m torch.distributed.run --nproc_per_node 2 -m jobs.pretrain --workdir DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m jobs.train.pretrain --workdir DIR
 
 DeepSpeed ZeRO (stage from the recipe) wraps the model and timm's LAMB; the loss object
 (models.loss.FilipLoss) scores each rank's local pairs against the gathered global batch.
@@ -21,15 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from filipctl.contract import JobError, RunDir, job_main
+from filipctl.contract import JobError, RunDir, file_sha256, job_main, write_result
 from filipctl.schema import Recipe
-from jobs.checkpoints import CheckpointStore, DirectoryCheckpoints
-from jobs.data_index import load_index
-from jobs.distributed import DistInfo, init_distributed, leave
+from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
+from jobs.data.index import load_index
+from jobs.train.distributed import DistInfo, init_distributed, leave
 from jobs.events import emit
-from jobs.loader import TrainBatches, sources_of
-from jobs.metrics import StageLogger
-from jobs.optim import build_optimizer, build_scheduler, peak_lr
+from jobs.data.loader import TrainBatches, sources_of
+from jobs.stage_logger import StageLogger
+from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
 from models.filip import build_model
 from models.loss import FilipLoss
 
@@ -85,6 +85,7 @@ class TrainLog:
     t_window: float = field(default_factory=time.perf_counter)
     step_times: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
+    skipped: int = 0  # samples skipped over every rank, as of the last log line
 
     def add(self, loss: float, step_time: float) -> None:
         self.window.append(loss)
@@ -98,6 +99,7 @@ class TrainLog:
         dist.all_reduce(totals)
         self.last_loss = totals[0].item() / self.info.world_size
         skipped, read = int(totals[1].item()), int(totals[2].item())
+        self.skipped = skipped
         if not math.isfinite(self.last_loss):
             raise JobError(f"loss is {self.last_loss} at step {done}: lower optim.base_lr or raise optim.weight_decay")
         if read and skipped / read > self.max_bad_fraction:
@@ -186,8 +188,9 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
         raise JobError(f"cannot resume the data where the checkpoint left it: {exc}; rerun with --fresh") from None
     loss_fn = FilipLoss.from_config(recipe.model)
     logger = StageLogger(info.is_main)
+    first = {"peak_lr": peak_lr(recipe.optim.base_lr, global_batch), "global_batch": global_batch}
     if info.is_main and not start:
-        logger.metrics({"peak_lr": peak_lr(recipe.optim.base_lr, global_batch), "global_batch": global_batch})
+        logger.metrics(first)
     if info.is_main:  # what a rerun must match to be bitwise identical, besides the recipe and the code
         logger.tags({"filipctl.world_size": str(info.world_size), "filipctl.torch_threads": str(torch.get_num_threads()),
                      "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
@@ -207,7 +210,8 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
         save_model(state, run_dir)
         logger.metrics({k: v for k, v in result.items() if math.isfinite(v)}, step=cfg.steps)
         logger.artifact(str(run_dir.model), "model")
-        run_dir.pretrain_summary.write_text(json.dumps(result))
+        write_result(run_dir, {**first, **{k: v for k, v in result.items() if math.isfinite(v)}},
+                     digests={"model.pt": file_sha256(run_dir.model)}, skipped=log.skipped)
     leave(info)
     return result
 

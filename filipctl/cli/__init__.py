@@ -1,0 +1,1 @@
+"""The `filipctl` command line: one module per command group, the shared options once (options.py)."""
