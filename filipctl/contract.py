@@ -81,6 +81,16 @@ class RunDir:
             raise JobError(f"{self.inputs_file}: no {stage!r} input; the stage graph did not give one")
         return RunDir(Path(inputs[stage]))
 
+    def input_digest(self, stage: str) -> str | None:
+        """The sha256 the CLI already took of input `stage` when it came from outside the graph (a model.pt given
+        to `filipctl eval`), so that the job does not hash it again; None when not recorded."""
+        import json
+
+        try:
+            return json.loads(self.inputs_file.read_text()).get("digests", {}).get(stage)
+        except (OSError, ValueError, AttributeError):
+            return None
+
     @property
     def done(self) -> Path:  # written by the CLI when the stage completed: its key and metrics
         return self.root / "done.json"

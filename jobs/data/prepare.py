@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from filipctl.contract import TAG_DATA_DIGEST, JobError, RunDir, job_main
+from filipctl.contract import TAG_DATA_DIGEST, JobError, RunDir, job_main, write_result
 from filipctl.schema import DataConfig, FilterConfig, Recipe
 from jobs.data.index import build_index, load_index, resolve_shards, write_index
 from jobs.events import emit
@@ -111,8 +111,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         metrics["eval_pairs"] = sum(held_out["counts"])
         if held_out["classnames"]:
             metrics["classes"] = len(held_out["classnames"])
+    digest = load_index(run_dir)["digest"]
     logger.metrics(metrics)
-    logger.tags({TAG_DATA_DIGEST: load_index(run_dir)["digest"]})
+    logger.tags({TAG_DATA_DIGEST: digest})
+    write_result(run_dir, metrics, digests={"data.json": digest})
     emit(f"data: {metrics['train_shards']} training shards, {train_pairs} pairs"
          + (f"; held-out {metrics['eval_pairs']} pairs" if held_out else ""), stage="data")
     return index
