@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from filipctl.errors import RecipeError
-from filipctl.schema import Recipe
+from filipctl.schema import Recipe, apply_overrides
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -126,19 +126,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str, source: str) -> None:
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise RecipeError(f"{source}: --set {text}: {where} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def _describe_error(err: dict[str, Any]) -> str:
     kind = err["type"]
     loc = err["loc"]
@@ -226,7 +213,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     override_of: dict[tuple[str, ...], str] = {}
     for text in overrides:
         parts, value = parse_override(text)
-        _apply_override(data, parts, value, text, str(path))
+        try:
+            data = apply_overrides(data, {".".join(parts): value})
+        except ValueError as exc:  # a key path through a value
+            raise RecipeError(f"{path}: --set {text}: {exc}") from None
         override_of[tuple(parts)] = text
     try:
         return Recipe.model_validate(data)
@@ -259,11 +249,11 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 def recipe_fingerprint(recipe: Recipe) -> str:
     """Hash of what determines the trained weights, tagged on every pipeline run (filipctl.fingerprint).
 
-    Tracking, cluster and eval settings are left out, as they are from the stages' content keys
-    (filipctl/orchestration/graph.py), which decide what is reused.
+    The recipe values the stages up to pretraining read (`READS` in filipctl/orchestration/stage_keys.py,
+    which also decides what is reused): a key that enters those stages' keys enters the fingerprint.
     """
-    d = recipe_to_dict(recipe)
-    for key in ("tracking", "cluster", "eval", "description", "output_dir", "ablation"):
-        d.pop(key, None)
-    blob = json.dumps(d, sort_keys=True).encode()
+    # Imported here: stage_keys imports this module.
+    from filipctl.orchestration.stage_keys import recipe_reads, upstream
+
+    blob = json.dumps(recipe_reads(recipe, upstream(recipe, "pretrain")), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
