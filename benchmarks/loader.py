@@ -58,11 +58,11 @@ def recipe_of(args: argparse.Namespace, workers: int):
 
 
 def sources_of(data: Path, samples: int, per_shard: int):
-    from jobs.data.loader import Source
+    from jobs.data.loader import ShardSource
 
     shards = sorted(str(p) for p in data.glob("*.tar"))
     counts = [min(per_shard, samples - i * per_shard) for i in range(len(shards))]
-    return [Source(str(data), 1.0, tuple(shards), tuple(counts))]
+    return [ShardSource(str(data), 1.0, tuple(shards), tuple(counts))]
 
 
 def planned_shards(recipe, sources, rank: int, world: int, epoch: int = 0) -> list[str]:

@@ -197,15 +197,21 @@ class JobError(Exception):
     """A job cannot go on for a reason the user can fix: its message is the whole story, no traceback."""
 
 
-def job_main(run: Callable[["Recipe", RunDir], object], argv: list[str] | None, doc: str | None) -> int:
-    """The entry point of a job module: parse the command line, read the recipe, run; JobError -> exit 1."""
-    run_dir = parse_worker_args(argv, doc)
+def exit_status(body: Callable[[], object]) -> int:
+    """Run a process's work -> its exit status: a JobError is one `error: ...` line on stderr (what the CLI quotes
+    of a failed job's log) and status 1, no traceback. Every job module and the Ray driver end through here."""
     try:
-        run(read_recipe(run_dir), run_dir)
+        body()
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def job_main(run: Callable[["Recipe", RunDir], object], argv: list[str] | None, doc: str | None) -> int:
+    """The entry point of a job module: parse the command line, read the recipe, run; JobError -> exit 1."""
+    run_dir = parse_worker_args(argv, doc)
+    return exit_status(lambda: run(read_recipe(run_dir), run_dir))
 
 
 # -- ports for a process group's rendezvous ----------------------------------------------------------

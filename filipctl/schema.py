@@ -6,6 +6,7 @@ prints its documentation. Every model forbids unknown keys so a typo fails loudl
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,9 @@ CLIP_VOCAB_SIZE = 49408
 
 # Where MLflow can keep runs (filipctl.tracking.writer checks that the store answers before a run starts).
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql://", "mysql://", "mssql://", "databricks")
+
+# A floating-point precision by name; models/precision.py maps each to its torch dtype.
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class Section(BaseModel):
@@ -98,7 +102,7 @@ class ModelConfig(Section):
         "token-wise max similarity against the other modality on the same worker (paper: 0.25; 1.0 = all). "
         "Rows scored on a worker keep all their tokens; only what is sent is reduced.",
     )
-    gather_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+    gather_dtype: Precision = Field(
         "fp32",
         description="Precision of the token features on the wire (paper: fp16). They are cast back to the "
         "training precision after the gather.",
@@ -124,8 +128,8 @@ class SyntheticData(Section):
     seed: int = Field(0, description="Generator seed: the same seed gives byte-identical shards.")
 
 
-class Source(Section):
-    """One set of training shards and its share of the mix."""
+class TrainSource(Section):
+    """One set of training shards and its share of the mix (an entry of `data.train`)."""
 
     url: str = Field(
         ..., min_length=1,
@@ -158,8 +162,8 @@ class FilterConfig(Section):
 class DataConfig(Section):
     """Where the image-caption shards live and how they are read."""
 
-    train: list[Source] = Field(
-        default_factory=lambda: [Source(url="data/shapes/train")], min_length=1,
+    train: list[TrainSource] = Field(
+        default_factory=lambda: [TrainSource(url="data/shapes/train")], min_length=1,
         description="Training shards: one URL, or a list of {url, weight} sources mixed by weight.",
     )
     eval: str | None = Field(
@@ -223,7 +227,7 @@ class TrainConfig(Section):
     """Pretraining loop and DeepSpeed settings."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision (fp16 needs a GPU).")
+    precision: Precision = Field("bf16", description="Training precision (fp16 needs a GPU).")
     gradient_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
     steps: int = Field(1000, gt=0, description="Optimizer steps.")
     micro_batch_size: int = Field(32, gt=0, description="Pairs per worker per step; global batch = this x workers.")
@@ -318,8 +322,21 @@ class TrackingConfig(Section):
         return uri
 
 
+class LocalProfile(Section):
+    """Processes on this machine; a distributed stage is a torchrun group."""
+
+    max_parallel: int | None = Field(
+        None, gt=0, description="Stages that may run at once (independent ones: the variants of an ablation); "
+        "null = as many as this machine's cores hold, a stage taking one core per worker process, so nothing "
+        "oversubscribes. Results do not depend on it.")
+
+
 class SlurmProfile(Section):
     """Slurm resources for the pretraining stage (data and eval run as one task on one node)."""
+
+    max_parallel: int | None = Field(
+        None, gt=0, description="Stages queued at once; null = the whole graph (Slurm holds each job until its "
+        "inputs completed).")
 
     partition: str | None = Field(None, description="Partition (sbatch --partition); null = the cluster's default.")
     account: str | None = Field(None, description="Account to charge (sbatch --account).")
@@ -350,6 +367,8 @@ class SlurmProfile(Section):
 class RayProfile(Section):
     """Ray Train: pretraining as a TorchTrainer (DeepSpeed inside each worker); data and eval as Ray tasks."""
 
+    max_parallel: int | None = Field(
+        1, gt=0, description="Stages started at once, each with its own Ray driver; null = no limit.")
     address: str = Field(
         "local",
         description="local: start a private Ray on this machine; auto: the Ray cluster running here; "
@@ -385,6 +404,7 @@ class ClusterConfig(Section):
         "local", description="local: processes on this machine; slurm: jobs through submitit; ray: Ray Train."
     )
     name: str = Field("local", description="The profile's name (shown in MLflow tags and `filipctl status`).")
+    local: LocalProfile = Field(default_factory=LocalProfile)
     slurm: SlurmProfile = Field(default_factory=SlurmProfile)
     ray: RayProfile = Field(default_factory=RayProfile)
 
@@ -436,22 +456,27 @@ class Recipe(Section):
                 e = exc.errors()[0]
                 what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
                 raise ValueError(f"ablation.{where}: {'.'.join(map(str, e['loc']))}: {what}") from None
+            except ValueError as exc:  # a key path through a value (ValidationError, a ValueError, is above)
+                raise ValueError(f"ablation.{where}: {exc}") from None
         return self
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of `data` with each `key.path: value` set (sections created as needed)."""
-    import copy
+    """A deep copy of `data` with each `key.path: value` set, sections created as needed.
 
+    The one implementation of dotted-path overrides: `--set` (filipctl.recipes), an ablation's
+    baseline and components, and its seeds. A path through a value raises ValueError naming it.
+    """
     out = copy.deepcopy(data)
     for path, value in overrides.items():
-        node = out
         keys = str(path).split(".")
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                if key in node and node[key] is not None:
-                    raise ValueError(f"{path}: {key} is a value, not a section")
-                node[key] = {}
-            node = node[key]
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"{'.'.join(keys[: i + 1])} is a value, not a section")
+            node = child
         node[keys[-1]] = value
     return out

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from models.filip import Features
+from models.precision import DTYPES
 
 
 def world() -> tuple[int, int]:
@@ -52,9 +53,6 @@ def _gather_no_grad(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _gather_cast(t: Tensor, wire: torch.dtype) -> Tensor:
     # Cast for the wire, gather once, cast back; autograd casts the returning gradient the same way.
     return _gather_with_grad(t.to(wire)).to(t.dtype)
@@ -69,7 +67,7 @@ def gather_features(local: Features, interaction: str, wire_dtype: str = "fp32")
     """
     if world()[1] == 1:
         return local
-    wire = WIRE_DTYPES[wire_dtype]
+    wire = DTYPES[wire_dtype]
     empty = local.image_tokens.new_empty(0)
     if interaction == "global":
         return Features(empty, empty.bool(), empty, empty.bool(),
@@ -87,7 +85,7 @@ def gather_features(local: Features, interaction: str, wire_dtype: str = "fp32")
 
 def gathered_bytes(local: Features, interaction: str, wire_dtype: str, world_size: int) -> int:
     """Bytes one worker receives per step from the feature all-gather (masks included)."""
-    size = torch.finfo(WIRE_DTYPES[wire_dtype]).bits // 8
+    size = torch.finfo(DTYPES[wire_dtype]).bits // 8
     if interaction == "global":
         n = local.image_embed.numel() + local.text_embed.numel()
         return n * size * (world_size - 1)

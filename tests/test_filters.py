@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.data.filters import FilterRules, filter_shards, is_meaningless
+from filipctl.schema import FilterConfig
+from jobs.data.filters import filter_shards, is_meaningless
 from jobs.data.shards import ShardWriter, caption, iter_samples
 
 
@@ -95,7 +96,8 @@ def test_filter_counts_and_output(tmp_path: Path) -> None:
     garbage = tmp_path / "in" / "garbage.tar"
     garbage.write_bytes(b"this is not a tar file" * 50)
 
-    report = filter_shards([spec, str(garbage)], str(tmp_path / "out"), FilterRules(), samples_per_shard=8)
+    rules = FilterConfig(output=str(tmp_path / "out"), samples_per_shard=8)  # the paper's rules: the defaults
+    report = filter_shards([spec, str(garbage)], str(tmp_path / "out"), rules)
 
     n_good = len(samples) - 1
     assert report["dropped"] == expected
@@ -103,7 +105,10 @@ def test_filter_counts_and_output(tmp_path: Path) -> None:
     assert report["kept"] == len(kept) == n_good - sum(expected.values())
     assert report["unreadable"] == 2
     assert any(str(garbage) in e for e in report["errors"])
-    assert report["rules"]["min_side"] == 200 and report["rules"]["max_repeats"] == 10
+    # The record the data stage compares to reuse a filtered copy: its form must not change.
+    assert report["rules"] == {"min_side": 200, "max_aspect": 3.0, "language": "en", "max_repeats": 10,
+                               "enabled": ["min_side", "aspect", "meaningless", "language", "repeated"],
+                               "language_min_confidence": 0.5}
     assert json.loads((tmp_path / "out" / "filter_report.json").read_text()) == report
 
     errors: list = []
@@ -116,15 +121,20 @@ def test_filter_counts_and_output(tmp_path: Path) -> None:
     assert all(json.loads(x["json"])["key"] == x["__key__"] for x in out)
 
 
-def test_rules_subset_and_validation(tmp_path: Path) -> None:
+def test_rules_turned_off_and_validation(tmp_path: Path) -> None:
     samples, _, _ = _crafted()
     spec = _write_input(tmp_path / "in", samples)
-    report = filter_shards(spec, str(tmp_path / "out"), FilterRules(enabled=("meaningless",)), samples_per_shard=100)
+    # Thresholds nothing fails, and the language rule off: only the meaningless rule drops.
+    rules = FilterConfig(output=str(tmp_path / "out"), min_side=0, max_aspect=100, max_repeats=100, language=None,
+                         samples_per_shard=100)
+    report = filter_shards(spec, str(tmp_path / "out"), rules)
     # The wide "IMG_1234.JPG" now counts as meaningless too.
-    assert report["dropped"] == {"meaningless": 8}
+    assert report["dropped"] == {"min_side": 0, "aspect": 0, "meaningless": 8, "repeated": 0}
     assert report["kept"] == len(samples) - 8
-    with pytest.raises(ValueError, match="unknown filter rule"):
-        FilterRules(enabled=("min_side", "nsfw"))
+    assert report["rules"]["enabled"] == ["min_side", "aspect", "meaningless", "repeated"]
+    with pytest.raises(ValueError, match="not one py3langid knows"):
+        filter_shards(spec, str(tmp_path / "out2"), FilterConfig(output=str(tmp_path / "out2"), language="xx"))
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("text", ["img 0.jpg", "IMG_1234.JPG", "DSC00012", "image.png", "photo 3 jpeg", "", " ",

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from filipctl.recipes import load_recipe
-from jobs.data.loader import ReaderPlan, ReaderStream, Problems, Source, TrainBatches, epoch_samples
+from jobs.data.loader import ReaderPlan, ReaderStream, Problems, ShardSource, TrainBatches, epoch_samples
 from jobs.data.shards import ShardWriter
 from tests.conftest import ROOT
 
 
-def write_source(folder: Path, n: int, per_shard: int, tag: str) -> Source:
+def write_source(folder: Path, n: int, per_shard: int, tag: str) -> ShardSource:
     """n samples, each image a flat colour that encodes its index, caption naming the index."""
     with ShardWriter(str(folder), per_shard) as w:
         for i in range(n):
@@ -28,7 +28,7 @@ def write_source(folder: Path, n: int, per_shard: int, tag: str) -> Source:
                                                                                   "alt_captions": [f"{tag} alt {i}"]}})
         shards = w.close()
     counts = [json.loads(Path(s[: -len(".tar")] + "_stats.json").read_text())["successes"] for s in shards]
-    return Source(str(folder), 1.0, tuple(shards), tuple(counts))
+    return ShardSource(str(folder), 1.0, tuple(shards), tuple(counts))
 
 
 def keys_of_epoch(plan: ReaderPlan, reader: int, src: int = 0) -> list[str]:
@@ -99,7 +99,8 @@ def test_resume_into_another_layout_is_refused(tmp_path: Path) -> None:
 def test_sources_are_mixed_by_weight(tmp_path: Path) -> None:
     a = write_source(tmp_path / "a", 40, 10, "a")
     b = write_source(tmp_path / "b", 40, 10, "b")
-    plan = ReaderPlan((Source(a.url, 3.0, a.shards, a.counts), Source(b.url, 1.0, b.shards, b.counts)), 1, 0, 4)
+    plan = ReaderPlan((ShardSource(a.url, 3.0, a.shards, a.counts), ShardSource(b.url, 1.0, b.shards, b.counts)),
+                      1, 0, 4)
     stream = ReaderStream(plan, 0, None, Problems())
     tags = Counter(json.loads(stream.draw()[0]["json"])["tag"] for _ in range(400))
     assert 0.68 < tags["a"] / 400 < 0.82, tags  # 3:1

@@ -99,6 +99,14 @@ def test_set_through_a_value_is_refused() -> None:
     assert "train.steps is a value" in msg
 
 
+def test_ablation_override_through_a_value_names_the_component(tmp_path: Path) -> None:
+    """--set and an ablation's components set key paths with the same function (schema.apply_overrides)."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\nablation: {components: {deep: {train.steps.x: 3}}}\n")
+    msg = _error(p)
+    assert "ablation.components.deep: train.steps is a value, not a section" in msg
+
+
 def test_invalid_yaml_reports_line(tmp_path: Path) -> None:
     p = tmp_path / "r.yaml"
     p.write_text("name: r\ntrain: {steps: 3\n")

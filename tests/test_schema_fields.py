@@ -78,3 +78,13 @@ def test_vocab_size_matches_the_tokenizer_and_other_values_are_refused(tmp_path:
     else:
         message = None
     assert message is not None and "model.text" in message and "does not match the tokenizer" in message
+
+
+def test_one_dtype_table_covers_every_precision_a_recipe_names() -> None:
+    """train.precision and model.gather_dtype both map through models.precision.DTYPES."""
+    from typing import get_args
+
+    from filipctl.schema import Precision
+    from models.precision import DTYPES
+
+    assert set(DTYPES) == set(get_args(Precision))

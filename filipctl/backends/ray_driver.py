@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from filipctl.backends.ray import missing_resources, probe_address
-from filipctl.contract import TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, forwarded_env, read_recipe
+from filipctl.contract import TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status, forwarded_env, read_recipe
 from filipctl.schema import RayProfile, Recipe
 from filipctl.orchestration.stages import Stage, find_stage
 
@@ -63,11 +63,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=RayCheckpoints())
 
 
-def _run_task(module: str, argv: list[str], env: dict[str, str]) -> None:
-    """One Ray task: the stage's job `main()`; its error message travels back to the driver."""
+def _run_task(module: str, argv: list[str], env: dict[str, str]) -> int:
+    """One Ray task: the stage's job `main()` -> its exit status (its error line reaches the driver's log)."""
     os.environ.update(env)
-    if importlib.import_module(module).main(argv):
-        raise JobError(f"{module} failed (its message is in the log above)")
+    return importlib.import_module(module).main(argv)
 
 
 def connect(profile: RayProfile) -> None:
@@ -95,7 +94,7 @@ def storage(profile: RayProfile) -> str:
 
 
 def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
-    """A distributed stage as a Ray Train run named after the run folder, so a rerun finds its checkpoints."""
+    """A distributed stage as a Ray Train run named after the stage folder, so a rerun finds its checkpoints."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -103,7 +102,7 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     problem = missing_resources(profile, ray.cluster_resources())
     if problem:  # Ray would wait for the resources forever: say so now
         raise JobError(problem)
-    name = run_dir.root.name  # = <recipe>-<fingerprint>
+    name = run_dir.root.name  # <stage>-<key> of the stage folder stages/<stage>-<key>/: one Ray Train run per key
     from jobs.stage_logger import StageLogger
 
     StageLogger(True).tags({TAG_RAY_RUN: name, TAG_RAY_STORAGE: profile.storage_path})
@@ -134,7 +133,8 @@ def run_stage(recipe: Recipe, stage: Stage, run_dir: RunDir) -> None:
             from filipctl.contract import worker_args
 
             task = ray.remote(num_cpus=1)(_run_task)
-            ray.get(task.remote(stage.module, worker_args(run_dir), forwarded_env()))
+            if ray.get(task.remote(stage.module, worker_args(run_dir), forwarded_env())):
+                raise JobError(f"{stage.module} failed (its message is in the log above)")
     finally:
         ray.shutdown()
 
@@ -157,19 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help="the stage of the recipe to run (data, pretrain, eval)")
     parser.add_argument("--workdir", help="the run folder the CLI prepared (recipe.json inside)")
     args = parser.parse_args(argv)
-    try:
-        if args.probe:
-            probe(args.probe, args.timeout)
-            return 0
-        if not (args.stage and args.workdir):
-            parser.error("--stage and --workdir are required")
-        run_dir = RunDir(Path(args.workdir))
+    if args.probe:
+        return exit_status(lambda: probe(args.probe, args.timeout))
+    if not (args.stage and args.workdir):
+        parser.error("--stage and --workdir are required")
+    run_dir = RunDir(Path(args.workdir))
+
+    def drive() -> None:
         recipe = read_recipe(run_dir)
         run_stage(recipe, find_stage(recipe, args.stage), run_dir)
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+
+    return exit_status(drive)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import submitit
 from filipctl.contract import port_from_job_id
 
 
-class StageFailed(RuntimeError):
+class JobFailed(RuntimeError):
     """Makes Slurm record the job as FAILED; the job's own message is already in its log."""
 
 
@@ -37,4 +37,4 @@ class StageJob(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         code = importlib.import_module(self.module).main(self.argv)
         if code:
-            raise StageFailed(f"{self.module} exited with status {code}")
+            raise JobFailed(f"{self.module} exited with status {code}")

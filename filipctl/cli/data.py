@@ -1,7 +1,7 @@
 """`filipctl data ...`: the data tools on their own, on any shards in img2dataset's layout.
 
-The same code the data stage runs (jobs/data/filters.py, jobs/data/backtranslate.py); its options are the
-recipe's `data.filter` keys, so `filipctl recipe keys` documents both.
+The filter is the code the data stage runs (jobs/data/filters.py), and its options are the recipe's `data.filter`
+keys, so `filipctl recipe keys` documents both; back-translation is jobs/data/backtranslate.py.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def filter_command(
 
     from filipctl.recipes import parse_override
     from filipctl.schema import FilterConfig
-    from jobs.data.prepare import filter_rules
     from jobs.data.filters import filter_shards
 
     values: dict[str, Any] = {"output": output_url}
@@ -83,7 +82,7 @@ def filter_command(
     shards = _shards(input_url)
     bar, progress = _progress(err, f"filtering {len(shards)} shards")
     with bar:
-        report = filter_shards(shards, output_url, filter_rules(cfg), cfg.samples_per_shard, progress=progress)
+        report = filter_shards(shards, output_url, cfg, progress=progress)
     _print_report(report, as_json, title=f"filter {input_url} -> {output_url}",
                   rows=[("input", report["input"]), *[(f"dropped: {k}", v) for k, v in report["dropped"].items()],
                         ("unreadable", report["unreadable"]), ("kept", report["kept"])])

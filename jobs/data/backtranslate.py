@@ -11,16 +11,15 @@ All other members are copied unchanged (the json's "key" follows the new shard k
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import fsspec
-
+from jobs.data.report import write_report
 from jobs.data.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, iter_samples, metadata
 
 ALT_CAPTIONS = "alt_captions"
 MAX_ERRORS_REPORTED = 100
+REPORT = "backtranslate_report.json"
 
 
 class Translator:
@@ -137,7 +136,5 @@ def backtranslate_shards(
         "shards": writer.pattern(),
         "errors": on_error.messages,
     }
-    fs, root = fsspec.core.url_to_fs(output_url)
-    with fs.open(f"{root.rstrip('/')}/backtranslate_report.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_report(output_url, REPORT, report)
     return report

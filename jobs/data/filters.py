@@ -3,7 +3,8 @@
 FILIP (Yao et al. 2021, section "Data and augmentation") drops images whose shorter side is
 under 200 px or whose aspect ratio exceeds 3, keeps English text only, drops meaningless text
 (e.g. "img 0.jpg") and drops pairs whose text repeats more than 10 times. `filter_shards` applies
-those rules to img2dataset-layout shards and writes the kept samples as new shards.
+those rules to img2dataset-layout shards and writes the kept samples as new shards. The rules'
+thresholds are the recipe's `data.filter` section (filipctl.schema.FilterConfig), documented there.
 
 Each dropped sample is counted under the FIRST rule it fails, in the fixed order
 min_side, aspect, meaningless, language, repeated, so the per-rule counts add up to the drops.
@@ -12,55 +13,43 @@ min_side, aspect, meaningless, language, repeated, so the per-rule counts add up
 from __future__ import annotations
 
 import io
-import json
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 from hashlib import blake2b
 from typing import Any, Callable, Iterable
 
-import fsspec
-
+from filipctl.schema import FilterConfig
+from jobs.data.report import write_report
 from jobs.data.shards import ErrorLog, ShardWriter, caption, count_samples, expand_urls, image_key, iter_samples, metadata
 
 RULES: tuple[str, ...] = ("min_side", "aspect", "meaningless", "language", "repeated")
 MAX_ERRORS_REPORTED = 100
+REPORT = "filter_report.json"
 
 
-@dataclass(frozen=True)
-class FilterRules:
-    """Thresholds of the filters; `enabled` names the rules applied (all by default).
+def enabled_rules(rules: FilterConfig) -> tuple[str, ...]:
+    """The rules applied, in RULES order: `meaningless: false` and `language: null` turn theirs off."""
+    return tuple(r for r in RULES if (r != "meaningless" or rules.meaningless) and (r != "language" or rules.language))
 
-    language_min_confidence: a caption is dropped as non-English only when the identifier's
-    best language is another one with at least this normalised probability. Short captions
-    ("sunset", "wedding", "Bride and groom") are often given a wrong language at low confidence,
-    and dropping them would waste English data; 0.0 makes it a plain argmax.
+
+def rules_record(rules: FilterConfig) -> dict[str, Any]:
+    """The rules as a report records them; the data stage reuses a filtered copy only when they match.
+
+    Its form predates FilterConfig (language "en" when the rule is off): kept, so that copies filtered
+    before still match.
     """
+    return {"min_side": rules.min_side, "max_aspect": rules.max_aspect, "language": rules.language or "en",
+            "max_repeats": rules.max_repeats, "enabled": list(enabled_rules(rules)),
+            "language_min_confidence": rules.language_min_confidence}
 
-    min_side: int = 200
-    max_aspect: float = 3.0
-    language: str = "en"
-    max_repeats: int = 10
-    enabled: tuple[str, ...] = RULES
-    language_min_confidence: float = 0.5
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "enabled", tuple(self.enabled))
-        unknown = [r for r in self.enabled if r not in RULES]
-        if unknown:
-            raise ValueError(f"unknown filter rule(s) {unknown}; the rules are {list(RULES)}")
-        if self.min_side < 0 or self.max_aspect < 1 or self.max_repeats < 1:
-            raise ValueError(f"bad thresholds min_side={self.min_side} (>= 0), max_aspect={self.max_aspect} (>= 1), "
-                             f"max_repeats={self.max_repeats} (>= 1)")
-        if "language" in self.enabled and self.language not in _identifier().labels:
-            raise ValueError(f"language {self.language!r} is not one py3langid knows; use an ISO 639-1 code such as 'en'")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["enabled"] = list(self.enabled)
-        return d
+def check_language(rules: FilterConfig) -> None:
+    """Refuse, before anything is read, a language py3langid never answers: the rule would drop nearly every
+    caption."""
+    if "language" in enabled_rules(rules) and rules.language not in _identifier().labels:
+        raise ValueError(f"language {rules.language!r} is not one py3langid knows; use an ISO 639-1 code such as 'en'")
 
 
 # --- meaningless text -------------------------------------------------------------------------
@@ -138,13 +127,13 @@ def _caption_id(text: str) -> bytes:
     return blake2b(normalise_caption(text).encode("utf-8"), digest_size=8).digest()
 
 
-def first_failed_rule(sample: dict[str, Any], rules: FilterRules, repeats: Counter | None = None) -> str | None:
+def first_failed_rule(sample: dict[str, Any], rules: FilterConfig, repeats: Counter | None = None) -> str | None:
     """The first rule (in RULES order) the sample fails, or None to keep it. Raises ValueError if unreadable."""
     if image_key(sample) is None:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image (jpg/jpeg/png/webp)")
     meta = metadata(sample)
     text = caption(sample)
-    on = set(rules.enabled)
+    on = set(enabled_rules(rules))
     if "min_side" in on or "aspect" in on:
         w, h = image_size(sample, meta)
         if "min_side" in on and min(w, h) < rules.min_side:
@@ -178,28 +167,31 @@ def _count_captions(urls: list[str]) -> tuple[Counter, int]:
 def filter_shards(
     input_urls: str | Iterable[str],
     output_url: str,
-    rules: FilterRules = FilterRules(),
-    samples_per_shard: int = 10000,
+    rules: FilterConfig,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Write the samples of `input_urls` that pass `rules` as shards under `output_url` -> the report.
 
-    The report {"input", "kept", "dropped": {rule: n}, "unreadable", "rules", "shards", "errors"} is
-    also written to `output_url/filter_report.json`. "input" counts readable samples; "unreadable"
-    counts the damaged shards and samples reported while reading (their first 100 in "errors").
-    The repeat rule counts captions over the whole input (a first pass), dropped ones included.
+    `output_url` rather than `rules.output`: the data stage gives each training source a folder of its own
+    in it. The report {"input", "kept", "dropped": {rule: n}, "unreadable", "rules", "shards", "errors",
+    "inputs"} is also written to `output_url/filter_report.json`. "input" counts readable samples;
+    "unreadable" counts the damaged shards and samples reported while reading (their first 100 in
+    "errors"); "inputs" lists the shards read. The repeat rule counts captions over the whole input (a
+    first pass), dropped ones included.
     """
+    check_language(rules)
+    enabled = enabled_rules(rules)
     urls = expand_urls(input_urls)
     repeats: Counter | None = None
     total: int | None = count_samples(urls)
-    if "repeated" in rules.enabled:
+    if "repeated" in enabled:
         repeats, total = _count_captions(urls)
 
     on_error = ErrorLog(MAX_ERRORS_REPORTED)
 
-    dropped = {r: 0 for r in RULES if r in rules.enabled}
+    dropped = {r: 0 for r in enabled}
     n_in = kept = 0
-    with ShardWriter(output_url, samples_per_shard=samples_per_shard) as writer:
+    with ShardWriter(output_url, samples_per_shard=rules.samples_per_shard) as writer:
         for sample in iter_samples(urls, on_error=on_error):
             try:
                 failed = first_failed_rule(sample, rules, repeats)
@@ -220,11 +212,10 @@ def filter_shards(
         "kept": kept,
         "dropped": dropped,
         "unreadable": on_error.count,
-        "rules": rules.to_dict(),
+        "rules": rules_record(rules),
         "shards": writer.pattern(),
         "errors": on_error.messages,
+        "inputs": urls,
     }
-    fs, root = fsspec.core.url_to_fs(output_url)
-    with fs.open(f"{root.rstrip('/')}/filter_report.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_report(output_url, REPORT, report)
     return report

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from jobs.data.shards import ErrorLog, caption, image_key, iter_samples, metadata
+from jobs.data.shards import caption, image_key, iter_samples, metadata
 from models.tokenizer import tokenize
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ def _seed_of(*parts: object) -> int:
 
 
 @dataclass(frozen=True)
-class Source:
-    """One training source as the data stage indexed it."""
+class ShardSource:
+    """One training source as the data stage indexed it: its shards and their sample counts (data.json)."""
 
     url: str
     weight: float
@@ -73,7 +73,7 @@ class Source:
 class ReaderPlan:
     """What every reader of a run agrees on."""
 
-    sources: tuple[Source, ...]
+    sources: tuple[ShardSource, ...]
     readers: int  # world size x readers per rank
     seed: int
     shuffle_buffer: int
@@ -216,7 +216,7 @@ class ReaderStream:
 
 
 @dataclass
-class Batch:
+class ReaderBatch:
     """What a reader hands the training process: a batch and where the reader stands after it."""
 
     images: Tensor  # [b, 3, H, W]
@@ -243,7 +243,7 @@ class TrainSamples(IterableDataset):
     def reader_of(self, worker: int) -> int:
         return self.rank * self.slots + (worker + self.rotation) % self.slots
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[ReaderBatch]:
         info = get_worker_info()
         if info is not None:
             torch.set_num_threads(1)  # the training process owns the cores
@@ -267,7 +267,7 @@ class TrainSamples(IterableDataset):
             texts.append(text)
             if len(images) == self.batch_size:
                 messages, skipped, lost = problems.take()
-                yield Batch(torch.stack(images), tokenize(texts, self.context_length), reader,
+                yield ReaderBatch(torch.stack(images), tokenize(texts, self.context_length), reader,
                             stream.position.to_json(), drawn, skipped, lost, messages)
                 images, texts, drawn = [], [], 0
 
@@ -289,8 +289,8 @@ class TrainSamples(IterableDataset):
         return random.Random(f"{self.plan.seed}/text/{reader}/{k}").choice(choices)
 
 
-def sources_of(index: dict[str, Any]) -> list[Source]:
-    return [Source(s["url"], float(s["weight"]), tuple(s["shards"]), tuple(s["counts"])) for s in index["train"]]
+def sources_of(index: dict[str, Any]) -> list[ShardSource]:
+    return [ShardSource(s["url"], float(s["weight"]), tuple(s["shards"]), tuple(s["counts"])) for s in index["train"]]
 
 
 class TrainBatches:
@@ -300,7 +300,7 @@ class TrainBatches:
     position and which reader comes next, so a resumed loader starts with its workers rotated.
     """
 
-    def __init__(self, recipe: "Recipe", sources: list[Source], rank: int, world_size: int,
+    def __init__(self, recipe: "Recipe", sources: list[ShardSource], rank: int, world_size: int,
                  state: dict[str, Any] | None = None) -> None:
         data = recipe.data
         workers = data.loader_workers
@@ -325,7 +325,7 @@ class TrainBatches:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
-        batch: Batch = next(self._batches)
+        batch: ReaderBatch = next(self._batches)
         self.positions[batch.reader] = Position.from_json(batch.position)
         self.served += 1
         self.read += batch.drawn + batch.lost
@@ -342,21 +342,3 @@ class TrainBatches:
         return {"readers": self.plan.readers, "sources": len(self.plan.sources),
                 "positions": {str(r): p.to_json() for r, p in sorted(self.positions.items())},
                 "next": (self.rotation + self.served) % self.slots, "read": self.read, "skipped": self.skipped}
-
-
-def eval_set(shards: list[str], image_size: int, with_labels: bool) -> tuple[Tensor, list[str], list[int]]:
-    """The whole held-out split in order: images [N,3,H,W], captions, class labels (json 'label').
-
-    Damaged shards are named in the job's log; the evaluation goes on with what could be read.
-    """
-    transform = image_transform(image_size, augment=False)
-    images, captions, labels = [], [], []
-    problems = ErrorLog()
-    for sample in iter_samples(shards, on_error=problems):
-        images.append(transform(decode_image(sample)))
-        captions.append(caption(sample))
-        if with_labels:
-            labels.append(int(metadata(sample)["label"]))
-    for message in problems.messages:
-        print(f"skipped (held-out split): {message}", flush=True)
-    return torch.stack(images), captions, labels

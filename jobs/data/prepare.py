@@ -10,8 +10,9 @@ import sys
 from typing import Any
 
 from filipctl.contract import TAG_DATA_DIGEST, JobError, RunDir, job_main, write_result
-from filipctl.schema import DataConfig, FilterConfig, Recipe
+from filipctl.schema import DataConfig, Recipe
 from jobs.data.index import build_index, load_index, resolve_shards, write_index
+from jobs.data.report import read_report
 from jobs.events import emit
 from jobs.stage_logger import StageLogger
 from jobs.data.synthetic import generate
@@ -33,65 +34,32 @@ def make_synthetic(data: DataConfig) -> None:
         emit(f"synthetic set already at {train_url} and {data.eval}", stage="data")
 
 
-def filter_rules(cfg: FilterConfig):
-    from jobs.data.filters import RULES, FilterRules
-
-    enabled = tuple(r for r in RULES if (r != "meaningless" or cfg.meaningless) and (r != "language" or cfg.language))
-    return FilterRules(min_side=cfg.min_side, max_aspect=cfg.max_aspect, language=cfg.language or "en",
-                       max_repeats=cfg.max_repeats, enabled=enabled,
-                       language_min_confidence=cfg.language_min_confidence)
-
-
 def filter_sources(data: DataConfig, logger: StageLogger) -> list[tuple[str, float]]:
     """Filter every training source into filter.output/source<i>; -> the filtered (url, weight) sources.
 
     A source whose filtered copy was made from the same shards with the same rules is reused.
     """
-    from jobs.data.filters import filter_shards
+    from jobs.data.filters import REPORT, filter_shards, rules_record
 
     cfg = data.filter
     assert cfg is not None
-    rules = filter_rules(cfg)
     filtered: list[tuple[str, float]] = []
     for i, source in enumerate(data.train):
         out = f"{cfg.output.rstrip('/')}/source{i}"
         shards = resolve_shards(source.url)
-        done = _read_report(out)
-        if done and done.get("inputs") == shards and done.get("rules") == rules.to_dict():
+        done = read_report(out, REPORT)
+        if done and done.get("inputs") == shards and done.get("rules") == rules_record(cfg):
             emit(f"filter: {source.url} already filtered into {out}", stage="data")
             report = done
         else:
-            report = filter_shards(shards, out, rules, cfg.samples_per_shard, progress=_progress(f"filtered {source.url}"))
-            report["inputs"] = shards
-            _write_report(out, report)
+            report = filter_shards(shards, out, cfg, progress=_progress(f"filtered {source.url}"))
         emit(f"filter {source.url}: kept {report['kept']} of {report['input']}; dropped "
              + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()), stage="data")
         logger.metrics({f"filter_source{i}_kept": report["kept"], f"filter_source{i}_input": report["input"],
                         **{f"filter_source{i}_dropped_{k}": v for k, v in report["dropped"].items()}})
-        logger.text(json.dumps(report, indent=1), f"filter/source{i}/filter_report.json")
+        logger.text(json.dumps(report, indent=1), f"filter/source{i}/{REPORT}")
         filtered.append((out, source.weight))
     return filtered
-
-
-def _report_url(out: str) -> str:
-    return f"{out}/filter_report.json"
-
-
-def _read_report(out: str) -> dict[str, Any] | None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(_report_url(out))
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def _write_report(out: str, report: dict[str, Any]) -> None:
-    import fsspec
-
-    with fsspec.open(_report_url(out), "w") as f:
-        json.dump(report, f, indent=1)
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:

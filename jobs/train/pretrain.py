@@ -32,8 +32,7 @@ from jobs.stage_logger import StageLogger
 from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
 from models.filip import build_model
 from models.loss import FilipLoss
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from models.precision import DTYPES
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
@@ -45,7 +44,8 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
         "gradient_clipping": optim.grad_clip,
-        # timm's LAMB is a client optimizer DeepSpeed has not certified for ZeRO; it works (FINDINGS).
+        # timm's LAMB is a client optimizer DeepSpeed has not certified for ZeRO; it works (recipes/smoke.yaml
+        # trains with it under ZeRO-2, and so do the runs of docs/filip-faithfulness.md section 6).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -169,7 +169,7 @@ def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: Trai
 
 
 def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -> dict[str, float]:
-    """Pretrain; returns the summary rank 0 also writes to the run folder's pretrain.json."""
+    """Pretrain; returns the summary whose metrics rank 0 also writes to the stage folder's result.json."""
     info = init_distributed()
     store = store or DirectoryCheckpoints(run_dir.checkpoints)
     cfg = recipe.train
