@@ -28,7 +28,7 @@ import json, resource, sys, time
 from pathlib import Path
 import torch
 from filipctl.recipes import load_recipe
-from jobs.eval.evaluate import Encoder, evaluate_set
+from jobs.eval.evaluate import Evaluation, evaluate_set
 from jobs.eval.sets import open_benchmark
 from models.filip import build_model
 
@@ -46,7 +46,7 @@ recipe = load_recipe(sys.argv[3], ["eval.alignment_images=0", "model.similarity_
 torch.manual_seed(0)
 model = build_model(recipe.model).eval()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-enc = Encoder(model, recipe, scratch, scratch / "maps")
+enc = Evaluation.of(model, recipe, scratch, scratch / "maps")
 # Keep the feature files to measure them: wrap FeatureFile.remove.
 from jobs.eval import features as eval_features
 sizes = {}

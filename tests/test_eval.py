@@ -329,7 +329,8 @@ def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp
     from filipctl.recipes import load_recipe
     from filipctl.schema import SyntheticData
     from jobs.data.index import read_classnames, resolve_shards
-    from jobs.eval.evaluate import Encoder, evaluate_set, prompts_for
+    from jobs.eval.evaluate import Evaluation, evaluate_set
+    from jobs.eval.prompts import class_templates
     from jobs.eval.hard_negatives import ATTRIBUTES, hard_negatives
     from jobs.data.loader import image_transform
     from jobs.data.synthetic import caption_of, generate
@@ -341,7 +342,7 @@ def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp
                                                            "eval.alignment_images=2"])
     torch.manual_seed(0)
     model = build_model(recipe.model).eval()
-    enc = Encoder(model, recipe, tmp_path / "features", tmp_path / "maps")
+    enc = Evaluation.of(model, recipe, tmp_path / "features", tmp_path / "maps")
     transform = image_transform(recipe.model.image.image_size, augment=False)
     ctx = recipe.model.text.context_length
 
@@ -421,7 +422,7 @@ def test_whole_evaluation_of_both_layouts_matches_an_independent_computation(tmp
     for k in (1, 5, 10):
         assert flat[f"i2t_R{k}"] == pytest.approx(recall(s_i2t, one_each, k, True), abs=1e-6)
         assert flat[f"t2i_R{k}"] == pytest.approx(recall(s_t2i, one_each, k, False), abs=1e-6)
-    templates = prompts_for(held, recipe)
+    templates = class_templates(held, recipe.eval)
     scores = sum(li(img, texts_of([t.replace("{c}", c) for c in held.classnames]))[0]
                  for t in templates) / len(templates)
     pred = scores.argmax(1).tolist()
