@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,16 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
 def my_queue() -> list[str]:
     res = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True)
     return [ln for ln in res.stdout.splitlines() if "filip-" in ln]
+
+
+def recording_sacct(folder: Path) -> Path:
+    """Write an `sacct` into `folder` that logs each call ("<unix time> <args>") and runs the real one.
+
+    Put `folder` first on PATH to count the real sacct invocations a piece of code makes; returns the log.
+    """
+    calls = folder / "sacct-calls.log"
+    calls.touch()
+    wrapper = folder / "sacct"
+    wrapper.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> "{calls}"\nexec /usr/bin/sacct "$@"\n')
+    wrapper.chmod(0o755)
+    return calls

@@ -52,8 +52,8 @@ def test_ray_end_to_end_worker_killed_resumes_from_s3_checkpoint(ray_result: dic
     assert r["leaked"] == []
     # `filipctl status` reads the Ray run and its stages from MLflow.
     done = r["cancel"]["first_run_status"]
-    assert done["backend"] == "ray" and done["state"] == "FINISHED", done
-    assert [s["state"] for s in done["stages"]] == ["FINISHED"] * 3
+    assert done["backend"] == "ray" and done["state"] == "COMPLETED", done
+    assert [s["state"] for s in done["stages"]] == ["COMPLETED"] * 3
 
 
 @pytest.mark.slow
@@ -73,8 +73,8 @@ def test_ray_cancel_stops_the_train_workers(ray_result: dict) -> None:
     assert c["cancel_rc"] == 0 and "pretrain" in c["cancel_stdout"] and "eval" in c["cancel_stdout"], c
     assert c["run_rc"] != 0 and "stage pretrain cancelled" in c["run_stderr"], c["run_stderr"]
     assert c["workers_left"] == []  # no Ray Train worker outlives the cancel
-    assert c["status"]["state"] == "KILLED"
-    assert [s["state"] for s in c["status"]["stages"]] == ["FINISHED", "KILLED", "KILLED"]
+    assert c["status"]["state"] == "CANCELLED"
+    assert [s["state"] for s in c["status"]["stages"]] == ["COMPLETED", "CANCELLED", "CANCELLED"]
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -26,7 +26,7 @@ def status_json(tmp_path: Path) -> list[dict]:
 
 
 def job_ids(row: dict) -> dict[str, str]:
-    return {s["stage"]: s["job_id"].split("@")[0] for s in row["stages"]}
+    return {s["stage"]: s["job"] for s in row["stages"]}
 
 
 SLURM = ["--cluster", "slurm"]
@@ -38,7 +38,7 @@ def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, smoke_overrides: list[
     assert "zeroshot_top1" in res.stdout and "queued: data = job" in res.stdout
 
     row = status_json(tmp_path)[0]
-    assert row["backend"] == "slurm" and row["state"] == "FINISHED"
+    assert row["backend"] == "slurm" and row["state"] == "COMPLETED"
     ids = job_ids(row)
     acct = {stage: sacct(job) for stage, job in ids.items()}
     assert all(a["state"] == "COMPLETED" for a in acct.values()), acct
@@ -46,7 +46,7 @@ def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, smoke_overrides: list[
     assert acct["pretrain"]["start"] >= acct["data"]["end"]
     assert acct["eval"]["start"] >= acct["pretrain"]["end"]
     # The pretraining job was one 2-task distributed group (both ranks logged, rank 0 trained to the end).
-    folder = Path(row["stages"][1]["job_id"].split("@")[1])
+    folder = Path(row["stages"][1]["folder"]) / "slurm"
     assert (folder / f"{ids['pretrain']}_1_log.err").exists()
     assert "step     20/20" in (folder / f"{ids['pretrain']}_0_log.out").read_text()
     from mlflow.tracking import MlflowClient
@@ -85,8 +85,8 @@ def test_detach_then_cancel(tmp_path: Path, smoke_overrides: list[str]) -> None:
     wait_for(lambda: sacct(ids["eval"])["state"] == "CANCELLED", 60, "eval to read CANCELLED")
     assert sacct(ids["eval"])["start"] in ("None", "Unknown") or sacct(ids["eval"])["start"] == sacct(ids["eval"])["end"]
     row = status_json(tmp_path)[0]
-    assert row["state"] == "KILLED"
-    assert [s["state"] for s in row["stages"]] == ["FINISHED", "KILLED", "KILLED"]
+    assert row["state"] == "CANCELLED"
+    assert [s["state"] for s in row["stages"]] == ["COMPLETED", "CANCELLED", "CANCELLED"]
     # Cancelled jobs linger in squeue (COMPLETING) until slurmd has reaped their processes.
     wait_for(lambda: not any(q.split()[0] in (ids["pretrain"], ids["eval"]) for q in my_queue()), 60,
              "the cancelled jobs to leave the queue")
@@ -129,16 +129,16 @@ def test_requeued_pretraining_resumes_from_its_checkpoint(tmp_path: Path, smoke_
     wait_for(eval_done, 420, "eval after the requeued pretraining", every=3)
     acct = sacct(ids["pretrain"])
     assert acct["state"] == "COMPLETED" and int(acct["restarts"]) >= 1, acct
-    log = (Path(row["stages"][1]["job_id"].split("@")[1]) / f"{ids['pretrain']}_0_log.out").read_text()
+    log = (Path(row["stages"][1]["folder"]) / "slurm" / f"{ids['pretrain']}_0_log.out").read_text()
     resumed = [ln for ln in log.splitlines() if ln.startswith("resumed from")]
     assert resumed, log[-3000:]
     resumed_step = int(resumed[-1].rsplit("step", 1)[1])
     assert resumed_step >= saved_before_restart >= 20
-    summary = json.loads((workdir / "pretrain.json").read_text())
+    summary = json.loads((workdir / "result.json").read_text())["metrics"]
     assert summary["steps_run"] == steps - resumed_step  # it did not start over
     assert (workdir / "model.pt").exists()
     final = status_json(tmp_path)[0]  # status reconciles MLflow with sacct for the detached run
-    assert final["state"] == "FINISHED", final
+    assert final["state"] == "COMPLETED", final
 
 
 @pytest.mark.parametrize("setting, message", [

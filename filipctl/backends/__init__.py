@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from filipctl.backends.base import Backend, JobRequest, JobState
+from filipctl.backends.base import Backend, JobHandle, JobRequest
 from filipctl.errors import FilipctlError
 from filipctl.schema import ClusterConfig
 
@@ -13,7 +13,7 @@ def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
     if name == "local":
         from filipctl.backends.local import LocalBackend
 
-        return LocalBackend()
+        return LocalBackend(cluster.local.max_parallel if cluster else None)
     if name == "slurm":
         from filipctl.backends.slurm import SlurmBackend
 
@@ -25,4 +25,9 @@ def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
     raise FilipctlError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "JobRequest", "JobState", "get_backend"]
+def attach(backend: str, ref: str) -> JobHandle:
+    """The handle of a job recorded as (backend name, ref), e.g. in the state index."""
+    return get_backend(backend).attach(ref)
+
+
+__all__ = ["BACKENDS", "Backend", "JobHandle", "JobRequest", "attach", "get_backend"]

@@ -1,37 +1,26 @@
-"""The one interface every backend implements: submit, status, cancel, logs."""
+"""The one interface every backend implements, and the job handle it returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from filipctl.contract import RunDir, worker_argv
-from filipctl.orchestration.stages import Stage
+from filipctl.states import State
 
-
-class JobState(str, Enum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    UNKNOWN = "UNKNOWN"
-
-    @property
-    def done(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+if TYPE_CHECKING:
+    from filipctl.orchestration.stages import Stage
 
 
 @dataclass(frozen=True)
 class JobRequest:
     """Everything a backend needs to start one stage."""
 
-    stage: Stage
-    run_dir: RunDir  # the run folder shared by all stages (recipe.json, checkpoints, model.pt, logs/)
+    stage: "Stage"
+    run_dir: RunDir  # the stage's own folder (recipe.json, inputs.json, logs/, its outputs)
     env: dict[str, str] = field(default_factory=dict)  # contract.job_env: MLflow run, tracking URI, events file
-    after: tuple[str, ...] = ()  # job ids this job waits for (backends with native dependencies)
+    after: tuple["JobHandle", ...] = ()  # jobs this one waits for (backends with native dependencies)
 
     @property
     def log_file(self) -> Path:
@@ -42,20 +31,54 @@ class JobRequest:
         return worker_argv(python, self.stage.module, self.run_dir)
 
 
+@dataclass(frozen=True)
+class JobHandle:
+    """A submitted job, found again from any process by (backend, ref): its state, logs and folder, and cancel.
+
+    `ref` is the backend's own address of the job (a Slurm id and submitit folder, a local job record);
+    only the backend that made it reads it. `label` is what a person looks up (a Slurm job id), or "".
+    """
+
+    backend: "Backend"
+    ref: str
+    label: str
+    folder: Path  # the stage folder it runs in
+
+    def state(self) -> State:
+        return self.backend.poll([self])[self.ref]
+
+    def cancel(self) -> None:
+        self.backend.cancel(self)
+
+    def logs(self) -> str:
+        return self.backend.logs(self)
+
+    @property
+    def result(self) -> Path:
+        return RunDir(self.folder).result
+
+
 class Backend(Protocol):
     name: ClassVar[str]
-    # True when the scheduler itself holds dependent jobs (Slurm afterok); False: the CLI
-    # submits a stage only after the stages it depends on completed.
+    # True when the scheduler itself holds dependent jobs (Slurm afterok); False: the executor
+    # submits a stage only after the stages it reads from completed.
     native_dependencies: ClassVar[bool]
 
-    def submit(self, request: JobRequest) -> str:
-        """Start (or queue) the job; return its id."""
+    def capacity(self) -> tuple[int | None, int | None]:
+        """(stages at once, worker processes at once) this backend has room for; None: no limit of that kind."""
 
-    def status(self, job_id: str) -> JobState: ...
+    def submit(self, request: JobRequest) -> JobHandle:
+        """Start (or queue) the job."""
 
-    def cancel(self, job_id: str) -> None: ...
+    def attach(self, ref: str) -> JobHandle:
+        """The handle of a job submitted earlier, maybe by another process, from its `ref`."""
 
-    def logs(self, job_id: str) -> str:
+    def poll(self, handles: list[JobHandle]) -> dict[str, State]:
+        """The state of each job (by ref), asked of the scheduler at once: one query for all of them."""
+
+    def cancel(self, handle: JobHandle) -> None: ...
+
+    def logs(self, handle: JobHandle) -> str:
         """The job's combined stdout/stderr so far."""
 
     def validate(self, request: JobRequest) -> None:

@@ -11,29 +11,43 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from filipctl.backends.base import JobRequest, JobState
-from filipctl.contract import free_port
+from filipctl.backends.base import JobHandle, JobRequest
+from filipctl.contract import RunDir, free_port
 from filipctl.errors import FilipctlError
+from filipctl.states import State
 
 
-def _state_of(exit_code: int, cancelled: bool = False) -> JobState:
+def _state_of(exit_code: int, cancelled: bool = False) -> State:
     if exit_code == 0:
-        return JobState.COMPLETED
+        return State.COMPLETED
     # `cancelled`: filipctl asked it to stop, whatever status its signal handlers chose to exit with.
     if cancelled or exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
-        return JobState.CANCELLED
-    return JobState.FAILED
+        return State.CANCELLED
+    return State.FAILED
 
 
 class LocalBackend:
-    """Job id = path of the job's record file (pid, log, exit code), so any process can query it."""
+    """A job's ref is the path of its record file (pid, log, exit code), so any process can query it."""
 
     name: ClassVar[str] = "local"
     native_dependencies: ClassVar[bool] = False
     stop_grace_s: ClassVar[float] = 15.0  # after SIGTERM, before SIGKILL
 
-    def __init__(self) -> None:
+    def __init__(self, max_parallel: int | None = None) -> None:
+        self.max_parallel = max_parallel
         self._procs: dict[str, subprocess.Popen] = {}
+
+    def capacity(self) -> tuple[int | None, int | None]:
+        # Unless told how many stages to run at once, as many as the cores hold: one core per worker process.
+        return (self.max_parallel, None) if self.max_parallel else (None, os.cpu_count() or 1)
+
+    def attach(self, ref: str) -> JobHandle:
+        record = Path(ref)
+        pid = self._record(ref).get("pid", "")
+        return JobHandle(self, ref, str(pid), record.parent.parent)  # <stage folder>/logs/<stage>.job.json
+
+    def poll(self, handles: list[JobHandle]) -> dict[str, State]:
+        return {h.ref: self._state(h.ref) for h in handles}
 
     def _argv(self, request: JobRequest, port: int) -> list[str]:
         stage = request.stage
@@ -50,7 +64,7 @@ class LocalBackend:
     def describe(self, request: JobRequest) -> str:
         return " ".join(self._argv(request, 29500))
 
-    def submit(self, request: JobRequest) -> str:
+    def submit(self, request: JobRequest) -> JobHandle:
         argv = self._argv(request, free_port())
         request.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -63,7 +77,7 @@ class LocalBackend:
         record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv}))
         job_id = str(record)
         self._procs[job_id] = proc
-        return job_id
+        return JobHandle(self, job_id, str(proc.pid), request.run_dir.root)
 
     def _record(self, job_id: str) -> dict:
         try:
@@ -72,7 +86,7 @@ class LocalBackend:
             raise FilipctlError(f"the job record {job_id} cannot be read ({type(exc).__name__}): was its run folder "
                                 "moved or deleted?") from None
 
-    def _finish(self, job_id: str, code: int) -> JobState:
+    def _finish(self, job_id: str, code: int) -> State:
         rec = self._record(job_id)
         rec["exit_code"] = code
         Path(job_id).write_text(json.dumps(rec))
@@ -86,24 +100,26 @@ class LocalBackend:
             Path(job_id).write_text(json.dumps(rec))
         return rec
 
-    def status(self, job_id: str) -> JobState:
+    def _state(self, job_id: str) -> State:
         proc = self._procs.get(job_id)
         if proc is not None:
             code = proc.poll()
-            return JobState.RUNNING if code is None else self._finish(job_id, code)
+            return State.RUNNING if code is None else self._finish(job_id, code)
         rec = self._record(job_id)
         if "exit_code" in rec:
             return _state_of(rec["exit_code"], rec.get("cancelled", False))
-        try:
-            os.kill(rec["pid"], 0)
-            return JobState.RUNNING
-        except ProcessLookupError:
-            return JobState.CANCELLED if rec.get("cancelled") else JobState.UNKNOWN
+        if _alive(rec["pid"]):
+            return State.RUNNING
+        if rec.get("cancelled"):
+            return State.CANCELLED
+        # Gone, and whoever started it did not see it end (that CLI was killed): its result says how it ended.
+        return State.COMPLETED if RunDir(Path(job_id).parent.parent).result.is_file() else State.FAILED
 
     def _ask_to_stop(self, pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)  # the whole group: torchrun and its workers
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, handle: JobHandle) -> None:
+        job_id = handle.ref
         pid = self._mark_cancelled(job_id)["pid"]
         try:
             self._ask_to_stop(pid)
@@ -120,8 +136,8 @@ class LocalBackend:
         if proc is not None:
             proc.wait()
 
-    def logs(self, job_id: str) -> str:
-        path = Path(self._record(job_id)["log"])
+    def logs(self, handle: JobHandle) -> str:
+        path = Path(self._record(handle.ref)["log"])
         return path.read_text(errors="replace") if path.exists() else ""
 
 

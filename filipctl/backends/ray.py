@@ -62,9 +62,12 @@ class RayBackend(LocalBackend):
     stop_grace_s: ClassVar[float] = 30.0  # ray.shutdown tears down the worker group first
 
     def __init__(self, profile: RayProfile | None = None) -> None:
-        super().__init__()
         self.profile = profile or RayProfile()
+        super().__init__(self.profile.max_parallel)
         self._resources: dict[str, float] | None = None  # the remote cluster's, asked once per run
+
+    def capacity(self) -> tuple[int | None, int | None]:
+        return self.profile.max_parallel, None  # Ray places the workers itself
 
     def _argv(self, request: JobRequest, port: int) -> list[str]:
         if self.profile.address == "local" and not request.stage.distributed:

@@ -1,48 +1,127 @@
 """Slurm backend: each stage is a Slurm job submitted through submitit, chained with afterok.
 
-Job ids are self-describing, "<slurm id>@<submitit folder>", so `status`, `logs` and `cancel`
-work from any later process (`filipctl status`, `filipctl cancel`) without extra state.
+A job's ref is self-describing, "<slurm id>@<submitit folder>", so any later process (`filipctl
+status`, `filipctl cancel`) finds the job again from it without extra state. States come from
+`SacctWatcher`: one batched sacct call per poll interval for every job this backend watches.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
-from filipctl.backends.base import JobRequest, JobState
+from filipctl.backends.base import JobHandle, JobRequest
 from filipctl.contract import worker_args
 from filipctl.errors import FilipctlError
 from filipctl.schema import SlurmProfile
+from filipctl.states import State
+
+log = logging.getLogger(__name__)
 
 NOT_A_LOGIN_NODE = ("srun/sbatch not found: this machine is not a Slurm login node (`--dry-run` shows the "
                     "plan anywhere; bring up a test cluster with scripts/slurm-up.sh)")
 
 # sacct states -> ours. REQUEUED/PREEMPTED/TIMEOUT are transient when submitit requeues the job.
 _STATES = {
-    "PENDING": JobState.PENDING, "REQUEUED": JobState.PENDING, "REQUEUE_HOLD": JobState.PENDING,
-    "REQUEUE_FED": JobState.PENDING, "CONFIGURING": JobState.PENDING, "RESIZING": JobState.RUNNING,
-    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
-    "STAGE_OUT": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "PREEMPTED": JobState.PENDING,
-    "TIMEOUT": JobState.PENDING, "COMPLETED": JobState.COMPLETED, "FAILED": JobState.FAILED,
-    "NODE_FAIL": JobState.FAILED, "OUT_OF_MEMORY": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
-    "DEADLINE": JobState.FAILED, "CANCELLED": JobState.CANCELLED, "REVOKED": JobState.CANCELLED,
+    "PENDING": State.QUEUED, "REQUEUED": State.QUEUED, "REQUEUE_HOLD": State.QUEUED,
+    "REQUEUE_FED": State.QUEUED, "CONFIGURING": State.QUEUED, "RESIZING": State.RUNNING,
+    "RUNNING": State.RUNNING, "COMPLETING": State.RUNNING, "SUSPENDED": State.RUNNING,
+    "STAGE_OUT": State.RUNNING, "SIGNALING": State.RUNNING, "PREEMPTED": State.QUEUED,
+    "TIMEOUT": State.QUEUED, "COMPLETED": State.COMPLETED, "FAILED": State.FAILED,
+    "NODE_FAIL": State.FAILED, "OUT_OF_MEMORY": State.FAILED, "BOOT_FAIL": State.FAILED,
+    "DEADLINE": State.FAILED, "CANCELLED": State.CANCELLED, "REVOKED": State.CANCELLED,
 }
 
 
-def split_job_id(job_id: str) -> tuple[str, Path]:
-    slurm_id, _, folder = job_id.partition("@")
+def _parse_ref(ref: str) -> tuple[str, Path]:
+    """(Slurm job id, submitit folder) of a ref "<slurm id>@<submitit folder>": the one place that reads refs."""
+    slurm_id, at, folder = ref.partition("@")
+    if not (slurm_id and at):  # the folder may be empty: planning's stand-ins for jobs not submitted yet
+        raise FilipctlError(f"{ref!r} is not a Slurm job reference (expected <slurm id>@<submitit folder>)")
     return slurm_id, Path(folder)
+
+
+class SacctWatcher:
+    """The states of many Slurm jobs from one `sacct` call per interval, backing off while nothing changes.
+
+    Every job ever asked about is watched until it ends; a call asks sacct about all of them at once.
+    Between calls, answers come from the last result. The interval doubles after each call that saw
+    no change (min_s, 2 min_s, ... up to max_s) and drops back to min_s when a state changed or a new
+    job came in. submitit's SlurmInfoWatcher batches the same way, but paces its calls by the time
+    since the last submission (never under 2 s) and takes TIMEOUT, SUSPENDED or CONFIGURING for
+    final, which a requeued or resumed job is not: hence this small equivalent.
+    """
+
+    def __init__(self, min_s: float = 0.5, max_s: float = 10.0) -> None:
+        self.min_s, self.max_s = min_s, max_s
+        self.interval_s = min_s
+        self.calls = 0  # sacct invocations, for tests and diagnostics
+        self._states: dict[str, State] = {}  # what the last calls said, by Slurm id
+        self._asked: set[str] = set()  # ids some call included: the others force the next call
+        self._next_call = 0.0  # time.monotonic() from which a poll calls sacct again
+        self._lock = threading.Lock()  # handles may be polled from several threads (the executor, Ctrl-C)
+
+    def states(self, slurm_ids: list[str]) -> dict[str, State]:
+        with self._lock:
+            watched = {*self._asked, *slurm_ids}
+            active = sorted(j for j in watched if not self._states.get(j, State.QUEUED).ended)
+            new = any(j not in self._asked for j in slurm_ids)
+            if active and (new or time.monotonic() >= self._next_call):
+                self._call_sacct(active)
+            # Never answered (sacct failed): the scheduler cannot say yet.
+            return {j: self._states.get(j, State.UNKNOWN) for j in slurm_ids}
+
+    def hurry(self) -> None:
+        """A change is coming (a cancel): ask at the next poll, then at the shortest interval."""
+        with self._lock:
+            self.interval_s, self._next_call = self.min_s, 0.0
+
+    def _call_sacct(self, slurm_ids: list[str]) -> None:
+        self.calls += 1
+        new = [j for j in slurm_ids if j not in self._asked]
+        self._asked.update(slurm_ids)
+        before = {j: self._states.get(j) for j in slurm_ids}
+        cmd = ["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID,State",
+               "--jobs=" + ",".join(slurm_ids)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise FilipctlError(NOT_A_LOGIN_NODE) from None
+        except subprocess.TimeoutExpired:
+            res = None
+        if res is not None and res.returncode == 0:
+            for line in res.stdout.splitlines():
+                slurm_id, _, word = line.partition("|")
+                if slurm_id in before:
+                    self._states[slurm_id] = _STATES.get(word.split(" ")[0], State.UNKNOWN)
+            for slurm_id in new:
+                # sacct can lag behind a fresh submission: unknown means not started yet.
+                self._states.setdefault(slurm_id, State.QUEUED)
+        else:  # keep the last answers, and back off: a struggling slurmdbd needs fewer calls, not more
+            log.warning("sacct failed (%s); job states may be stale",
+                        "timed out" if res is None else (res.stderr.strip() or f"exit {res.returncode}"))
+        changed = res is not None and res.returncode == 0 and any(self._states.get(j) != s for j, s in before.items())
+        self.interval_s = self.min_s if changed else min(self.interval_s * 2, self.max_s)
+        self._next_call = time.monotonic() + self.interval_s
 
 
 class SlurmBackend:
     name: ClassVar[str] = "slurm"
     native_dependencies: ClassVar[bool] = True
 
-    def __init__(self, profile: SlurmProfile | None = None) -> None:
+    def __init__(self, profile: SlurmProfile | None = None, poll_interval_s: tuple[float, float] = (0.5, 10.0)) -> None:
         self.profile = profile or SlurmProfile()
+        self.sacct = SacctWatcher(*poll_interval_s)  # (shortest, longest) interval between sacct calls
+
+    def capacity(self) -> tuple[int | None, int | None]:
+        # Slurm places the workers itself: only the number of jobs queued at once is ours to limit.
+        return self.profile.max_parallel, None
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -61,7 +140,7 @@ class SlurmBackend:
         ex = executor_cls(folder=folder, max_num_timeout=p.max_requeues)
         extra: dict[str, object] = {"requeue": True, **p.sbatch}
         if request.after:
-            extra["dependency"] = "afterok:" + ":".join(split_job_id(j)[0] for j in request.after)
+            extra["dependency"] = "afterok:" + ":".join(_parse_ref(h.ref)[0] for h in request.after)
             # A failed dependency cancels this job instead of leaving it pending forever.
             extra["kill_on_invalid_dep"] = "yes"
         params: dict[str, object] = dict(
@@ -120,7 +199,7 @@ class SlurmBackend:
                     f"gpus_per_node={p.gpus_per_node} mem_gb={p.mem_gb}")
         return f"partition={p.partition or 'default'} nodes=1 tasks=1 mem_gb={p.mem_gb}"
 
-    def submit(self, request: JobRequest) -> str:
+    def submit(self, request: JobRequest) -> JobHandle:
         import submitit
 
         ex = self._executor(request)
@@ -128,33 +207,26 @@ class SlurmBackend:
             job = ex.submit(self._job(request))
         except submitit.core.utils.FailedJobError as exc:
             raise FilipctlError(f"Slurm refused the {request.stage.name} job: {exc}") from None
-        return f"{job.job_id}@{ex.folder}"
+        return JobHandle(self, f"{job.job_id}@{ex.folder}", job.job_id, request.run_dir.root)
+
+    def attach(self, ref: str) -> JobHandle:
+        slurm_id, folder = _parse_ref(ref)
+        return JobHandle(self, ref, slurm_id, folder.parent)  # submitit's folder is RunDir(stage folder).slurm
 
     # -- queries --------------------------------------------------------------------------------
 
-    def status(self, job_id: str) -> JobState:
-        import submitit
+    def poll(self, handles: list[JobHandle]) -> dict[str, State]:
+        ids = {h.ref: _parse_ref(h.ref)[0] for h in handles}
+        states = self.sacct.states(list(ids.values()))
+        return {ref: states[slurm_id] for ref, slurm_id in ids.items()}
 
-        slurm_id, folder = split_job_id(job_id)
-        job = submitit.SlurmJob(folder=folder, job_id=slurm_id)
-        raw = job.watcher.get_state(slurm_id, mode="force")  # the cached state lags; ask sacct now
-        word = raw.split()[0] if raw else "UNKNOWN"
-        # sacct can lag a second or two behind a fresh submission: unknown means not started yet.
-        return _STATES.get(word, JobState.PENDING if word == "UNKNOWN" else JobState.UNKNOWN)
-
-    def raw_state(self, job_id: str) -> str:
-        slurm_id, _ = split_job_id(job_id)
-        res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,Reason", "-j", slurm_id],
-                             capture_output=True, text=True, timeout=30)
-        line = res.stdout.strip().splitlines()[:1]
-        return line[0].replace("|", " ") if line else "UNKNOWN"
-
-    def cancel(self, job_id: str) -> None:
-        slurm_id, _ = split_job_id(job_id)
+    def cancel(self, handle: JobHandle) -> None:
+        slurm_id, _ = _parse_ref(handle.ref)
         subprocess.run(["scancel", slurm_id], capture_output=True, text=True, timeout=30)
+        self.sacct.hurry()  # whoever cancels waits to see it ended
 
-    def logs(self, job_id: str) -> str:
-        slurm_id, folder = split_job_id(job_id)
+    def logs(self, handle: JobHandle) -> str:
+        slurm_id, folder = _parse_ref(handle.ref)
         parts = []
         for suffix in ("out", "err"):
             for path in sorted(folder.glob(f"{slurm_id}_*_log.{suffix}")):

@@ -2,9 +2,9 @@
 
 A small SQLite file (stdlib sqlite3) beside the MLflow store: `filipctl-state.db` next to a sqlite
 store's file, else in the working directory. It mirrors what the control side's writer
-(tracking.Tracker) records: every run (pipeline, ablation, variant) and stage with its state, job,
-key metric and times. MLflow stays the record; this is its index, read in milliseconds where
-importing and querying MLflow takes seconds.
+(tracking.writer.Tracker) records: every run (pipeline, ablation, variant) and stage with its state
+(filipctl.states.State), job, stage folder, key metric and times. MLflow stays the record; this is
+its index, read in milliseconds where importing and querying MLflow takes seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+
+from filipctl.states import State
 
 FILE = "filipctl-state.db"
 SCHEMA = """
@@ -26,6 +28,8 @@ CREATE TABLE IF NOT EXISTS stages (
     value REAL, ray_run TEXT DEFAULT '', started REAL, ended REAL);
 CREATE INDEX IF NOT EXISTS stages_parent ON stages (parent, started);
 """
+# Columns added after the first release: an older index gains them when a writer opens it.
+ADDED = {"stages": {"folder": "TEXT DEFAULT ''", "stage_key": "TEXT DEFAULT ''", "running_since": "REAL"}}
 
 
 def path_for(tracking_uri: str) -> Path:
@@ -41,6 +45,17 @@ class StateStore:
         self.con = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         if create:
             self.con.executescript(SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        for table, columns in ADDED.items():
+            have = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if have and name not in have:
+                    try:
+                        self.con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    except sqlite3.OperationalError:  # a read-only index: readers do without the column
+                        return
 
     @classmethod
     def open_for(cls, tracking_uri: str) -> "StateStore | None":
@@ -48,21 +63,28 @@ class StateStore:
         path = path_for(tracking_uri)
         return cls(path, create=False) if path.is_file() else None
 
-    # -- written by tracking.Tracker ----------------------------------------------------------------
+    # -- written by tracking.writer.Tracker ---------------------------------------------------------
 
     def add_run(self, run_id: str, experiment: str, kind: str, name: str, recipe: str, backend: str,
                 parent: str = "", variant: str = "") -> None:
         self.con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                         (run_id, experiment, kind, parent, name, recipe, backend, variant, "RUNNING", time.time(), None))
+                         (run_id, experiment, kind, parent, name, recipe, backend, variant, State.RUNNING.value,
+                          time.time(), None))
 
-    def add_stage(self, run_id: str, parent: str, stage: str, key_metric: str) -> None:
-        self.con.execute("INSERT OR REPLACE INTO stages (run_id, parent, stage, state, key_metric, started) "
-                         "VALUES (?,?,?,?,?,?)", (run_id, parent, stage, "SCHEDULED", key_metric, time.time()))
+    def add_stage(self, run_id: str, parent: str, stage: str, key_metric: str, folder: str = "",
+                  stage_key: str = "") -> None:
+        self.con.execute("INSERT OR REPLACE INTO stages (run_id, parent, stage, state, key_metric, started, folder, "
+                         "stage_key) VALUES (?,?,?,?,?,?,?,?)",
+                         (run_id, parent, stage, State.PENDING.value, key_metric, time.time(), folder, stage_key))
 
-    def set_state(self, run_id: str, state: str, ended: bool) -> None:
-        end = time.time() if ended else None
-        for table in ("runs", "stages"):
-            self.con.execute(f"UPDATE {table} SET state = ?, ended = ? WHERE run_id = ?", (state, end, run_id))
+    def set_state(self, run_id: str, state: State) -> None:
+        now = time.time()
+        end = now if state.ended else None
+        self.con.execute("UPDATE runs SET state = ?, ended = ? WHERE run_id = ?", (state.value, end, run_id))
+        self.con.execute("UPDATE stages SET state = ?, ended = ? WHERE run_id = ?", (state.value, end, run_id))
+        if state is State.RUNNING:  # a stage's duration counts from here, not from when it was queued
+            self.con.execute("UPDATE stages SET running_since = ? WHERE run_id = ? AND running_since IS NULL",
+                             (now, run_id))
 
     def set_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         """The stage's key metric, when `metrics` has it."""

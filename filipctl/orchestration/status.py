@@ -1,179 +1,186 @@
-"""`filipctl status`: recent pipelines and their stages, read from MLflow.
+"""`filipctl status`: recent runs and their stages, with the scheduler's word for those still active.
 
-`collect` only reads: MLflow's view, plus the scheduler's word for stages MLflow still shows as
-queued or running. `corrections` says which runs MLflow has wrong (a detached Slurm job that
-ended, a job that started); the CLI records them through the one writer, `tracking.Tracker`.
+Rows are built once, from records of one shape: the state index's (filipctl/orchestration/state_index.py,
+no MLflow import) or, where a store has no index beside it, MLflow's runs read into the same shape.
+`ask_schedulers` adds each backend's word for the active stages (one batched query per backend);
+`corrections` says which recorded states it contradicts (pure); the CLI records them through the
+one writer and, for a stage that completed while nobody watched, its done record (`record`).
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from filipctl.backends import JobState, get_backend
-from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_RAY_RUN, TAG_RECIPE,
-                               TAG_STAGE, TAG_VARIANT)
-from filipctl.tracking.runs import pipelines, stage_runs
-from filipctl.tracking import ACTIVE
+from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_RAY_RUN, TAG_RECIPE, TAG_STAGE,
+                               TAG_VARIANT, TAG_WORKDIR, TAG_STAGE_KEY)
+from filipctl.states import State, overall
 
-# What MLflow should say once the scheduler says this.
-TO_MLFLOW = {JobState.COMPLETED: "FINISHED", JobState.FAILED: "FAILED", JobState.CANCELLED: "KILLED",
-             JobState.RUNNING: "RUNNING"}
+if TYPE_CHECKING:
+    from filipctl.backends.base import Backend
 
-
-def _duration(start: int | None, end: int | None) -> float | None:
-    if not start:
-        return None
-    end = end or int(datetime.now().timestamp() * 1000)
-    return (end - start) / 1000
+Row = dict[str, Any]
 
 
-def scheduler_state(backend_name: str, job_id: str) -> JobState | str:
-    """The scheduler's word for a job ("" when there is no scheduler to ask, as for local jobs)."""
-    if not job_id or backend_name == "local":
-        return ""
-    try:
-        return get_backend(backend_name).status(job_id)
-    except Exception as exc:  # the scheduler may be unreachable from here: show MLflow's view
-        return f"unknown ({type(exc).__name__})"
+# -- records -> rows ----------------------------------------------------------------------------------------
 
-
-def job_label(backend_name: str, job_id: str) -> str:
-    """What a person can look up: Slurm's job id; local and Ray drivers' ids are record files, not shown."""
-    return "" if backend_name in ("local", "ray") else job_id.split("@")[0]
-
-
-def _stage_row(c, backend: str, ask_scheduler: bool, parent_active: bool) -> dict[str, Any]:
-    key = c.data.tags.get(TAG_KEY_METRIC, "")
-    job_id = c.data.tags.get(TAG_JOB, "")
-    scheduler = ""
-    if ask_scheduler and (c.info.status in ACTIVE or parent_active):
-        scheduler = scheduler_state(backend, job_id)
-    return {
-        "stage": c.data.tags.get(TAG_STAGE, c.info.run_name),
-        "run_id": c.info.run_id,
-        "state": c.info.status,
-        "scheduler": scheduler.value if isinstance(scheduler, JobState) else scheduler,
-        "job_id": job_id,
-        "ray_run": c.data.tags.get(TAG_RAY_RUN, ""),
-        "key_metric": key,
-        "value": c.data.metrics.get(key),
-        "duration_s": _duration(c.info.start_time, c.info.end_time),
-    }
-
-
-def collect(client, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
-    """Newest first: one dict per pipeline with its stages and, for active ones, the scheduler's state."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    rows = []
-    for p in pipelines(client, exp.experiment_id, limit, kinds=("pipeline", "ablation")):
-        row = _run_row(p)
-        if p.data.tags.get(TAG_KIND) == "ablation":
-            row["variants"] = [_pipeline_row(client, v, ask_scheduler) for v in stage_runs(client, p)]
-        else:
-            row = _pipeline_row(client, p, ask_scheduler)
-        rows.append(row)
-    return rows
-
-
-def _run_row(p) -> dict[str, Any]:
-    return {
-        "kind": p.data.tags.get(TAG_KIND, "pipeline"),
-        "name": p.info.run_name,
-        "run_id": p.info.run_id,
-        "recipe": p.data.tags.get(TAG_RECIPE, ""),
-        "backend": p.data.tags.get(TAG_BACKEND, ""),
-        "state": p.info.status,
-        "started": datetime.fromtimestamp(p.info.start_time / 1000).isoformat(timespec="seconds"),
-        "duration_s": _duration(p.info.start_time, p.info.end_time),
-    }
-
-
-def _pipeline_row(client, p, ask_scheduler: bool) -> dict[str, Any]:
-    backend = p.data.tags.get(TAG_BACKEND, "")
-    row = _run_row(p)
-    if p.data.tags.get(TAG_VARIANT):
-        row["variant"] = p.data.tags[TAG_VARIANT]
-    row["stages"] = [_stage_row(c, backend, ask_scheduler, p.info.status in ACTIVE) for c in stage_runs(client, p)]
+def _run_row(r: Row) -> Row:
+    row = {"kind": r["kind"], "name": r["name"], "run_id": r["run_id"], "recipe": r["recipe"], "backend": r["backend"],
+           "state": State.parse(r["state"]).value,
+           "started": datetime.fromtimestamp(r["started"]).isoformat(timespec="seconds"),
+           "duration_s": (r["ended"] or time.time()) - r["started"]}
+    if r.get("variant"):
+        row["variant"] = r["variant"]
     return row
 
 
-def collect_state(store, experiment: str, limit: int, ask_scheduler: bool = True) -> list[dict[str, Any]]:
-    """As `collect`, from the state index (filipctl/orchestration/state_index.py): no MLflow import, milliseconds for any store size."""
-
-    def run_row(r: dict[str, Any]) -> dict[str, Any]:
-        return {"kind": r["kind"], "name": r["name"], "run_id": r["run_id"], "recipe": r["recipe"],
-                "backend": r["backend"], "state": r["state"],
-                "started": datetime.fromtimestamp(r["started"]).isoformat(timespec="seconds"),
-                "duration_s": (r["ended"] or time.time()) - r["started"]}
-
-    def pipeline_row(r: dict[str, Any]) -> dict[str, Any]:
-        row = run_row(r)
-        if r["variant"]:
-            row["variant"] = r["variant"]
-        row["stages"] = []
-        for s in store.stages(r["run_id"]):
-            scheduler: JobState | str = ""
-            if ask_scheduler and (s["state"] in ACTIVE or r["state"] in ACTIVE):
-                scheduler = scheduler_state(r["backend"], s["job_id"] or "")
-            row["stages"].append({
-                "stage": s["stage"], "run_id": s["run_id"], "state": s["state"],
-                "scheduler": scheduler.value if isinstance(scheduler, JobState) else scheduler,
-                "job_id": s["job_id"] or "", "ray_run": s["ray_run"] or "", "key_metric": s["key_metric"],
-                "value": s["value"], "duration_s": (s["ended"] or time.time()) - s["started"],
-            })
-        return row
-
-    rows = []
-    for r in store.top_runs(experiment, limit):
-        if r["kind"] == "ablation":
-            rows.append({**run_row(r), "variants": [pipeline_row(v) for v in store.children(r["run_id"])]})
-        else:
-            rows.append(pipeline_row(r))
-    return rows
+def _stage_row(s: Row, backend: str) -> Row:
+    since = s.get("running_since")  # a stage's time counts from when it started running, not from when it was queued
+    return {"stage": s["stage"], "run_id": s["run_id"], "state": State.parse(s["state"]).value, "scheduler": "",
+            "backend": backend, "job_id": s["job_id"] or "", "job": job_label(backend, s["job_id"] or ""),
+            "ray_run": s["ray_run"] or "", "folder": s.get("folder") or "", "stage_key": s.get("stage_key") or "",
+            "key_metric": s["key_metric"], "value": s["value"],
+            "duration_s": (s["ended"] or time.time()) - since if since else None}
 
 
-def _pipeline_state(stages: list[dict[str, Any]]) -> str | None:
-    """A pipeline's end state once none of its stages is active (None while one is)."""
-    states = [s["state"] for s in stages]
-    if not states or any(s in ACTIVE for s in states):
-        return None
-    if all(s == "FINISHED" for s in states):
-        return "FINISHED"
-    return "KILLED" if "KILLED" in states and "FAILED" not in states else "FAILED"
+def build_rows(top: list[Row], children, stages) -> list[Row]:
+    """Newest first: a row per pipeline with its stages, per ablation with its variants.
+    `children(run_id)` and `stages(run_id)` give records of the state index's shape."""
+    def pipeline(r: Row) -> Row:
+        return {**_run_row(r), "stages": [_stage_row(s, r["backend"]) for s in stages(r["run_id"])]}
+
+    return [{**_run_row(r), "variants": [pipeline(v) for v in children(r["run_id"])]} if r["kind"] == "ablation"
+            else pipeline(r) for r in top]
 
 
-def corrections(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
-    """(row, the state MLflow should record) for every run whose recorded state the scheduler contradicts.
+def rows_from_index(store, experiment: str, limit: int) -> list[Row]:
+    return build_rows(store.top_runs(experiment, limit), store.children, store.stages)
 
-    Applying them in order (stages before their pipeline) brings the rows and MLflow in line.
+
+def rows_from_mlflow(client, experiment: str, limit: int) -> list[Row]:
+    """For a store with no state index beside it (a server used from another folder): MLflow's runs as records."""
+    from filipctl.tracking.runs import pipelines, stage_runs
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    cache: dict[str, list] = {}
+
+    def record(p) -> Row:
+        tags = p.data.tags
+        return {"kind": tags.get(TAG_KIND, "pipeline"), "name": p.info.run_name, "run_id": p.info.run_id,
+                "recipe": tags.get(TAG_RECIPE, ""), "backend": tags.get(TAG_BACKEND, ""), "state": p.info.status,
+                "variant": tags.get(TAG_VARIANT, ""), "started": p.info.start_time / 1000,
+                "ended": p.info.end_time / 1000 if p.info.end_time else None}
+
+    def stage_record(c) -> Row:
+        tags, key = c.data.tags, c.data.tags.get(TAG_KEY_METRIC, "")
+        return {"stage": tags.get(TAG_STAGE, c.info.run_name), "run_id": c.info.run_id, "state": c.info.status,
+                "job_id": tags.get(TAG_JOB, ""), "ray_run": tags.get(TAG_RAY_RUN, ""), "key_metric": key,
+                "value": c.data.metrics.get(key), "folder": tags.get(TAG_WORKDIR, ""),
+                "stage_key": tags.get(TAG_STAGE_KEY, ""), "ended": c.info.end_time / 1000 if c.info.end_time else None,
+                "running_since": c.info.start_time / 1000}
+
+    def kids(run_id: str) -> list:
+        if run_id not in cache:
+            cache[run_id] = stage_runs(client, client.get_run(run_id))
+        return cache[run_id]
+
+    top = [record(p) for p in pipelines(client, exp.experiment_id, limit, kinds=("pipeline", "ablation"))]
+    return build_rows(top, lambda rid: [record(c) for c in kids(rid)], lambda rid: [stage_record(c) for c in kids(rid)])
+
+
+# -- the schedulers' word ---------------------------------------------------------------------------------------
+
+def job_label(backend: str, ref: str) -> str:
+    """What a person can look up (a Slurm job id, a local pid), from the backend's own handle."""
+    if not ref:
+        return ""
+    try:
+        from filipctl.backends import attach
+
+        return attach(backend, ref).label
+    except Exception:  # the job record is gone (folder moved): nothing to show
+        return ""
+
+
+def _stages(rows: list[Row]) -> list[Row]:
+    return [s for r in rows for p in r.get("variants", [r]) for s in p["stages"]]
+
+
+def ask_schedulers(rows: list[Row], backend_for: Callable[[str], Backend] | None = None) -> None:
+    """Fill each active stage's `scheduler` with its backend's word, asked once per backend for all of them."""
+    from filipctl.backends import get_backend
+
+    backend_for = backend_for or get_backend
+    by_backend: dict[str, list[Row]] = {}
+    for s in _stages(rows):
+        if s["job_id"] and not State.parse(s["state"]).ended:
+            by_backend.setdefault(s["backend"], []).append(s)
+    for name, stages in by_backend.items():
+        try:
+            backend = backend_for(name)
+            handles = {s["run_id"]: backend.attach(s["job_id"]) for s in stages}
+            states = backend.poll(list(handles.values()))
+        except Exception as exc:  # the scheduler may be unreachable from here: show what was recorded
+            for s in stages:
+                s["scheduler"] = f"unknown ({type(exc).__name__})"
+            continue
+        for s in stages:
+            s["scheduler"] = states.get(handles[s["run_id"]].ref, State.UNKNOWN).value
+
+
+def corrections(rows: list[Row]) -> list[tuple[Row, State]]:
+    """(row, the state to record) for every run whose recorded state the scheduler contradicts.
+
+    Applying them in order (stages before their pipeline, pipelines before their ablation) brings the
+    records in line.
     """
-    fixes: list[tuple[dict[str, Any], str]] = []
+    fixes: list[tuple[Row, State]] = []
     for r in rows:
         if "variants" in r:  # an ablation ends when every variant has
             fixes += corrections(r["variants"])
-            states = {**{id(v): v["state"] for v in r["variants"]}, **{id(row): s for row, s in fixes}}
-            variant_states = [{"state": states[id(v)]} for v in r["variants"]]
-            if r["state"] in ACTIVE and (final := _pipeline_state(variant_states)):
+            now = {id(row): s for row, s in fixes}
+            variant_states = [now.get(id(v), State.parse(v["state"])) for v in r["variants"]]
+            if not State.parse(r["state"]).ended and (final := overall(variant_states)):
                 fixes.append((r, final))
             continue
-        after: list[dict[str, Any]] = []
+        after: list[State] = []
         for s in r["stages"]:
-            state = s["state"]
-            want = TO_MLFLOW.get(JobState(s["scheduler"])) if s["scheduler"] in JobState.__members__ else None
-            if state in ACTIVE and want and want != state:
-                fixes.append((s, want))
-                state = want
-            after.append({**s, "state": state})
-        if r["state"] in ACTIVE:
-            final = _pipeline_state(after)
-            if final:
-                fixes.append((r, final))
+            state = State.parse(s["state"])
+            said = State.__members__.get(s["scheduler"])
+            if not state.ended and said in (State.RUNNING, State.COMPLETED, State.FAILED, State.CANCELLED) \
+                    and said is not state:
+                fixes.append((s, said))
+                state = said
+            after.append(state)
+        if not State.parse(r["state"]).ended and (final := overall(after)):
+            fixes.append((r, final))
     return fixes
 
+
+def record(fixes: list[tuple[Row, State]], tracker) -> None:
+    """Write `corrections` through the control side's writer, and into the rows. A stage that completed while
+    nobody watched (a detached Slurm job) gets its done record and key metric from its result.json now."""
+    from pathlib import Path
+
+    from filipctl.contract import RunDir
+    from filipctl.orchestration.stage_folders import record_done
+
+    for row, state in fixes:
+        if state is State.COMPLETED and "key_metric" in row and row.get("folder"):
+            metrics = record_done(RunDir(Path(row["folder"])), row["stage_key"], row["stage"])
+            if metrics is None:  # exit 0 but no result: nothing after it can read it
+                state = State.FAILED
+            else:
+                tracker.log_metrics(row["run_id"], metrics)
+                row["value"] = metrics.get(row["key_metric"])
+        tracker.set_state(row["run_id"], state)
+        row["state"] = state.value
+
+
+# -- the table ------------------------------------------------------------------------------------------------------
 
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
@@ -181,52 +188,3 @@ def fmt_duration(seconds: float | None) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def _variant_metric(v: dict[str, Any]) -> str:
-    last = v["stages"][-1] if v["stages"] else None
-    if not last or last["value"] is None:
-        return "-"
-    return f"{last['key_metric']}={last['value']:.4g}"
-
-
-def render(rows: list[dict[str, Any]]):
-    from rich.markup import escape
-    from rich.table import Table
-
-    colour = {"FINISHED": "green", "RUNNING": "cyan", "FAILED": "red", "KILLED": "yellow", "SCHEDULED": "blue"}
-    table = Table(title="filipctl runs (newest first)", header_style="bold")
-    for col in ("run / stage", "recipe", "backend", "state", "job", "key metric", "duration"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        st = r["state"]
-        label = f"[bold]{escape(r['name'])}[/]" + (f" ({len(r['variants'])} variants)" if "variants" in r else "")
-        table.add_row(label, escape(r["recipe"]), r["backend"],
-                      f"[{colour.get(st, 'white')}]{st}[/]", "", "", fmt_duration(r["duration_s"]))
-        for v in r.get("variants", []):
-            vst = v["state"]
-            table.add_row(f"  ▸ {escape(v.get('variant', v['name']))}", "", "", f"[{colour.get(vst, 'white')}]{vst}[/]",
-                          "", _variant_metric(v), fmt_duration(v["duration_s"]))
-        for s in r.get("stages", []):
-            value = "-" if s["value"] is None else f"{s['key_metric']}={s['value']:.4g}"
-            state = f"[{colour.get(s['state'], 'white')}]{s['state']}[/]"
-            if s["scheduler"]:
-                state += f" ({s['scheduler'].lower()})"
-            job = s["ray_run"] or job_label(r["backend"], s["job_id"])
-            table.add_row(f"  └ {escape(s['stage'])}", "", "", state, escape(job), value, fmt_duration(s["duration_s"]))
-    return table
-
-
-def record(fixes: list[tuple[dict[str, Any], str]], tracker) -> None:
-    """Write `corrections` to MLflow (and its state index) through the control side's writer, and into the rows.
-
-    A stage that finished while nobody watched (a detached Slurm job) gets its key metric read now.
-    """
-    for row, state in fixes:
-        if state == "RUNNING":
-            tracker.running(row["run_id"])
-        else:
-            tracker.end(row["run_id"], state)
-        if state == "FINISHED" and "key_metric" in row:
-            row["value"] = tracker.metrics(row["run_id"]).get(row["key_metric"])
-        row["state"] = state

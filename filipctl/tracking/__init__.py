@@ -2,8 +2,8 @@
 what made a run (provenance.py) and finding runs again (runs.py). Nothing here imports mlflow at module level."""
 
 from filipctl.tracking.redact import REDACTED, flatten, redact
-from filipctl.tracking.store import ACTIVE, TERMINAL, check_store, open_store, resolve_uri, ui_command
+from filipctl.tracking.store import check_store, open_store, resolve_uri, ui_command
 from filipctl.tracking.writer import Tracker
 
-__all__ = ["ACTIVE", "REDACTED", "TERMINAL", "Tracker", "check_store", "flatten", "open_store", "redact", "resolve_uri",
+__all__ = ["REDACTED", "Tracker", "check_store", "flatten", "open_store", "redact", "resolve_uri",
            "ui_command"]

@@ -12,9 +12,6 @@ from pathlib import Path
 from filipctl.errors import FilipctlError
 from filipctl.schema import TRACKING_SCHEMES
 
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
-ACTIVE = ("RUNNING", "SCHEDULED")
-
 
 def resolve_uri(uri: str | None) -> str:
     """The recipe's tracking URI, or a sqlite store in the working directory."""

@@ -17,7 +17,9 @@ from typing import Any
 from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE,
                                TAG_VARIANT)
 from filipctl.tracking.redact import flatten, redact
-from filipctl.tracking.store import TERMINAL, open_store
+from filipctl.states import MLFLOW_STATUS, State
+from filipctl.tracking.store import open_store
+
 
 class Tracker:
     """The control side's MLflow writer: creates runs, tags them and records every change of state."""
@@ -71,14 +73,15 @@ class Tracker:
             self.client.log_artifact(run_id, str(Path(tmp) / "versions.json"))
         return run_id
 
-    def start_stage(self, parent_id: str, stage: str, recipe_name: str, backend: str, key_metric: str) -> str:
+    def start_stage(self, parent_id: str, stage: str, recipe_name: str, backend: str, key_metric: str,
+                    folder: str = "", stage_key: str = "") -> str:
         run = self.client.create_run(self.experiment_id, run_name=stage, tags={
             TAG_PARENT: parent_id, TAG_KIND: "stage", TAG_STAGE: stage, TAG_RECIPE: recipe_name,
             TAG_BACKEND: backend, TAG_KEY_METRIC: key_metric,
         })
         # Queued until its job is seen running.
         self.client.update_run(run.info.run_id, status="SCHEDULED")
-        self.state.add_stage(run.info.run_id, parent_id, stage, key_metric)
+        self.state.add_stage(run.info.run_id, parent_id, stage, key_metric, folder=folder, stage_key=stage_key)
         return run.info.run_id
 
     def tag(self, run_id: str, key: str, value: str) -> None:
@@ -123,19 +126,11 @@ class Tracker:
         if text:
             self.client.log_text(run_id, text, artifact_file)
 
-    def running(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
-        self.state.set_state(run_id, "RUNNING", ended=False)
-
-    def end(self, run_id: str, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED."""
-        if status not in TERMINAL:
-            raise ValueError(f"not a terminal run state: {status}")
-        self.client.set_terminated(run_id, status=status)
-        self.state.set_state(run_id, status, ended=True)
-
-    def metrics(self, run_id: str) -> dict[str, float]:
-        """What the run's job logged (read from MLflow; its key metric is kept in the state index too)."""
-        metrics = dict(self.client.get_run(run_id).data.metrics)
-        self.state.set_metrics(run_id, metrics)
-        return metrics
+    def set_state(self, run_id: str, state: State) -> None:
+        """A run's new state: MLflow shows its view of it (MLFLOW_STATUS), the state index keeps it as it is."""
+        status = MLFLOW_STATUS[state]
+        if state.ended:
+            self.client.set_terminated(run_id, status=status)
+        else:
+            self.client.update_run(run_id, status=status)
+        self.state.set_state(run_id, state)

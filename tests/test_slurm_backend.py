@@ -1,0 +1,173 @@
+"""SlurmBackend on its own, against the real cluster of scripts/slurm-up.sh: tiny jobs, real sbatch and sacct.
+
+The sacct calls are counted by a recording `sacct` first on PATH (tests/slurm_util.recording_sacct),
+not mocked: what is measured is what the scheduler's accounting was asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from filipctl.backends.base import JobHandle, JobRequest
+from filipctl.backends.slurm import SlurmBackend
+from filipctl.contract import RunDir
+from filipctl.orchestration.stages import Stage
+from filipctl.schema import SlurmProfile
+from filipctl.states import State
+from tests.slurm_util import recording_sacct, sacct, slurm_cluster  # noqa: F401 (slurm_cluster: autouse)
+
+MIN_S, MAX_S = 0.25, 1.0  # the back-off under test: 0.25, 0.5, 1, 1, ... seconds between sacct calls
+
+# The stage job: prints, waits for a file if told to, exits with the status it is told.
+TINY_JOB = '''
+import json, time
+from pathlib import Path
+
+
+def main(argv):
+    workdir = Path(argv[argv.index("--workdir") + 1])
+    plan = json.loads((workdir / "plan.json").read_text())
+    print(f"tinyjob {workdir.name} started", flush=True)
+    deadline = time.time() + 120  # never outlive a test that died
+    while plan["wait_for"] and not Path(plan["wait_for"]).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return plan["exit"]
+'''
+
+
+class Cluster:
+    """A SlurmBackend whose jobs run TINY_JOB, and the log of every sacct it calls."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path
+        (tmp_path / "mods").mkdir()
+        (tmp_path / "mods" / "tinyjob.py").write_text(TINY_JOB)
+        # The job module reaches the node through the profile's setup lines, as a site's own modules would.
+        self.profile = SlurmProfile(time_min=5,
+                                    setup=[f"export PYTHONPATH={tmp_path / 'mods'}${{PYTHONPATH:+:$PYTHONPATH}}"])
+        self.backend = SlurmBackend(self.profile, poll_interval_s=(MIN_S, MAX_S))
+        self.sacct_log = recording_sacct(tmp_path)
+        self.submitted: list[JobHandle] = []
+
+    def submit(self, name: str, exit: int = 0, wait_for: Path | None = None,
+               after: tuple[JobHandle, ...] = ()) -> JobHandle:
+        run_dir = RunDir(self.root / "stages" / name)
+        run_dir.root.mkdir(parents=True)
+        (run_dir.root / "plan.json").write_text(json.dumps({"exit": exit, "wait_for": wait_for and str(wait_for)}))
+        handle = self.backend.submit(JobRequest(Stage(name, "tinyjob"), run_dir, after=after))
+        self.submitted.append(handle)
+        return handle
+
+    def sacct_calls(self) -> list[tuple[float, str]]:
+        """(unix time, arguments) of each real sacct invocation so far."""
+        lines = self.sacct_log.read_text().splitlines()
+        return [(float(t), args) for t, _, args in (ln.partition(" ") for ln in lines)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    c = Cluster(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    yield c
+    if c.submitted:  # a failed test leaves no job waiting on the node
+        subprocess.run(["scancel", *(h.label for h in c.submitted)], capture_output=True)
+
+
+def poll_until(backend: SlurmBackend, handles: list[JobHandle], done, timeout: float) -> dict[str, State]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = backend.poll(handles)
+        if done(states):
+            return states
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:.0f}s; last states {states}")
+
+
+def test_one_batched_sacct_call_per_interval_backing_off(cluster: Cluster) -> None:
+    release = cluster.root / "release"
+    held = [cluster.submit(f"held{i}", wait_for=release) for i in range(3)]
+    later = cluster.submit("later", wait_for=cluster.root / "release-later", after=(held[0],))
+    handles = [*held, later]
+    ids = ",".join(sorted(h.label for h in handles))
+    settled = {**{h.ref: State.RUNNING for h in held}, later.ref: State.QUEUED}
+
+    poll_until(cluster.backend, handles, lambda s: s == settled, 60)
+    # The poll that saw the last change called sacct and reset the interval: from here nothing changes.
+    start = len(cluster.sacct_calls())
+    polls, t_end = 0, time.time() + 4.5
+    while time.time() < t_end:
+        assert cluster.backend.poll(handles) == settled
+        polls += 1
+        time.sleep(0.01)
+    calls = cluster.sacct_calls()[start - 1:]
+    gaps = [round(b[0] - a[0], 2) for a, b in zip(calls, calls[1:])]
+    print(f"quiet 4.5 s: {polls} polls of {len(handles)} jobs, {len(calls) - 1} sacct calls, gaps {gaps}")
+    # (a) each call asks for all four jobs at once
+    assert all(args.endswith(f"--jobs={ids}") for _, args in calls), calls
+    # (b, c) at most one call per interval, due calls not skipped, the interval doubling to its cap
+    expected = [min(MIN_S * 2**i, MAX_S) for i in range(len(gaps))]
+    assert len(gaps) >= 4 and all(e <= g < e + 0.45 for g, e in zip(gaps, expected)), (gaps, expected)
+    assert polls > 20 * len(gaps)
+    # afterok: the node has room (8 CPUs, 4 one-CPU jobs), yet Slurm holds the dependent job.
+    reason = subprocess.run(["squeue", "-h", "-o", "%r", "-j", later.label], capture_output=True, text=True).stdout
+    assert reason.strip() == "Dependency"
+
+    # A change resets the interval: the next call comes MIN_S after the one that saw it.
+    quiet = len(cluster.sacct_calls())
+    release.touch()
+    seen: list[tuple[float, str, dict[str, State]]] = []  # each sacct call: its time, arguments, what it answered
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        states = cluster.backend.poll(handles)
+        if len(cluster.sacct_calls()) > quiet + len(seen):
+            seen.append((*cluster.sacct_calls()[-1], states))
+            if [s != settled for _, _, s in seen[:-1]].count(True) == 1:  # saw the call after the change: end it
+                (cluster.root / "release-later").touch()
+        if all(s.ended for s in states.values()):
+            break
+        time.sleep(0.01)
+    first_change = next(i for i, (_, _, s) in enumerate(seen) if s != settled)
+    assert MIN_S <= seen[first_change + 1][0] - seen[first_change][0] < MIN_S + 0.4, seen
+    # Ended jobs are not asked about again; once all ended, polls call no sacct at all.
+    for (_, _, before), (_, args, _) in zip(seen, seen[1:]):
+        assert args.endswith("--jobs=" + ",".join(sorted(h.label for h in handles if not before[h.ref].ended)))
+    n = len(cluster.sacct_calls())
+    for _ in range(20):
+        cluster.backend.poll(handles)
+        time.sleep(0.05)
+    assert len(cluster.sacct_calls()) == n == cluster.backend.sacct.calls
+    print(f"after release: sacct calls at {[round(t - seen[0][0], 2) for t, _, _ in seen]} s; {n} sacct calls in all")
+
+    # (e) afterok: the dependent job started only once the job it waited for had ended.
+    assert cluster.backend.poll(handles) == {h.ref: State.COMPLETED for h in handles}
+    assert sacct(later.label)["start"] >= sacct(held[0].label)["end"]
+
+
+def test_ended_states_and_attach_from_a_fresh_backend(cluster: Cluster) -> None:
+    ok = cluster.submit("ok")
+    bad = cluster.submit("bad", exit=3)
+    stuck = cluster.submit("stuck", wait_for=cluster.root / "never")
+    after_bad = cluster.submit("after_bad", after=(bad,))  # kill_on_invalid_dep: cancelled when bad fails
+    handles = [ok, bad, stuck, after_bad]
+
+    poll_until(cluster.backend, [stuck], lambda s: s[stuck.ref] == State.RUNNING, 60)
+    stuck.cancel()
+    states = poll_until(cluster.backend, handles, lambda s: all(v.ended for v in s.values()), 60)
+    expected = {ok.ref: State.COMPLETED, bad.ref: State.FAILED, stuck.ref: State.CANCELLED,
+                after_bad.ref: State.CANCELLED}
+    assert states == expected
+    assert "tinyjob ok started" in ok.logs() and "exited with status 3" in bad.logs()
+
+    # `filipctl status` / `cancel` in another process: a new backend, the handles rebuilt from their refs.
+    fresh = SlurmBackend(cluster.profile)
+    again = [fresh.attach(h.ref) for h in handles]
+    assert [(h.label, h.folder) for h in again] == [(h.label, h.folder) for h in handles]
+    assert fresh.poll(again) == expected and fresh.sacct.calls == 1
+    assert again[1].state() == State.FAILED and fresh.sacct.calls == 1  # ended: answered without sacct
+    print(f"{cluster.backend.sacct.calls} sacct calls for {len(handles)} jobs, polled every 20 ms until all ended")
