@@ -1,115 +1,149 @@
-"""`filipctl ablate` end to end on the CPU (tiny step counts): the table, the MLflow parent, a stage graph
-that never trains the same thing twice (rerun, one more component, Ctrl-C then the same command)."""
+"""`filipctl ablate` through its real control side (graph, executor, runner, the MLflow sink on a real sqlite
+store, the table, markdown and chart) with jobs played by the in-process TEST backend: the table, the MLflow
+parent, a graph that never trains the same thing twice (rerun, one more component, Ctrl-C then the same
+command). Real training of an ablation runs on Slurm in tests/test_slurm_ablate.py; real Ctrl-C and resume
+of a training in tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
+import zlib
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from tests.conftest import FILIPCTL, ROOT, run_cli
-
-pytestmark = pytest.mark.slow
+from filipctl.backends.base import JobRequest
+from filipctl.errors import FilipctlError
+from filipctl.orchestration.ablation import run_ablation
+from filipctl.recipes import load_recipe
+from filipctl.states import State
+from tests.conftest import ROOT, run_cli
+from tests.inprocess_backend import InProcessTestBackend
 
 ABLATION = str(ROOT / "recipes/ablation.yaml")
 
 
-def _client(tmp_path: Path):
+def recipe(tmp_path: Path):
+    return load_recipe(ABLATION, [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+
+def eval_metrics(request: JobRequest) -> dict[str, float]:
+    """Each stage its own figures (from its folder's name), so that the table has something to compare."""
+    x = zlib.crc32(request.run_dir.root.name.encode()) % 1000 / 1000
+    if request.stage.name != "eval":
+        return {"final_loss": 1 + x} if request.stage.name == "pretrain" else {"train_pairs": 600.0}
+    return {"i2t_R1": x, "t2i_R1": x / 2, "i2t_R5": x, "t2i_R5": x, "zeroshot_top1": 1 - x, "finegrained_R1": x,
+            "pointing_acc": x}
+
+
+def ablate(tmp_path: Path, components: list[str], backend: InProcessTestBackend, seeds: list[int] = [0]):
+    console = Console(file=open(tmp_path / "console.txt", "a"), width=200)
+    return run_ablation(recipe(tmp_path), ABLATION, components, seeds, console, backend=backend)
+
+
+def client(tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return c, c.get_experiment_by_name("filip").experiment_id
 
 
-def _ablations(client):
-    exp = client.get_experiment_by_name("filip")
-    return exp.experiment_id, client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'ablation'",
-                                                 order_by=["attributes.start_time DESC"])
+def children(c, exp_id: str, run_id: str):
+    return c.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
 
 
-def _stage_runs(client, exp_id: str, variant_run: str):
-    return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{variant_run}'")
-
-
-def _to_run(output: str) -> int:
-    line = next(ln for ln in output.splitlines() if " to run" in ln and "stages" in ln)
-    return int(line.split(" stages, ")[1].split(" to run")[0])
-
-
-def test_ablate_table_mlflow_and_a_graph_that_trains_nothing_twice(tmp_path: Path, tiny: list[str]) -> None:
+def test_ablate_table_mlflow_and_a_graph_that_trains_nothing_twice(tmp_path: Path) -> None:
     # 1. baseline, +aug, +late_interaction, +aug+late_interaction: data once, then pretrain -> eval each.
-    res = run_cli("ablate", ABLATION, "--components", "aug,late_interaction", *tiny, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert _to_run(res.stdout) == 9  # 1 data + 4 x (pretrain, eval)
-    for setting in ("baseline", "+aug", "+late_interaction", "+aug+late_interaction"):
-        assert setting in res.stdout
-    assert "I2T R@1" in res.stdout and "zero-shot" in res.stdout
+    backend = InProcessTestBackend(metrics=eval_metrics, max_stages=2)
+    result = ablate(tmp_path, ["aug", "late_interaction"], backend)
+    assert len(backend.submitted) == 9 and [n.split("-")[0] for n in backend.submitted].count("data") == 1
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == ["baseline", "+aug", "+late_interaction", "+aug+late_interaction"]
+    assert not result["failed"]
+    base = rows["baseline"]
+    assert rows["+aug"]["i2t_R1_delta"] == pytest.approx(rows["+aug"]["i2t_R1"] - base["i2t_R1"])
 
-    client = _client(tmp_path)
-    exp_id, (parent,) = _ablations(client)
-    assert parent.info.status == "FINISHED"
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"ablation.md", "ablation.json", "ablation.png"} <= artifacts
-    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "ablation.json", str(tmp_path))).read_text())
-    assert [r["setting"] for r in table["rows"]] == ["baseline", "+aug", "+late_interaction", "+aug+late_interaction"]
-    assert parent.data.tags["mlflow.note.content"].startswith("### ") and "| +aug |" in parent.data.tags["mlflow.note.content"]
-    variants = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(v.data.tags["filipctl.variant"] for v in variants) == sorted(r["setting"] for r in table["rows"])
+    c, exp_id = client(tmp_path)
+    parent = c.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["filipctl.kind"] == "ablation"
+    assert {"ablation.md", "ablation.json", "ablation.png"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    table = json.loads(Path(c.download_artifacts(parent.info.run_id, "ablation.json", str(tmp_path))).read_text())
+    assert [r["setting"] for r in table["rows"]] == list(rows)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("### ") and "| +aug |" in note
+    assert (Path(result["chart"])).is_file() and Path(result["chart"]).read_bytes()[:4] == b"\x89PNG"
+    variants = children(c, exp_id, parent.info.run_id)
+    assert sorted(v.data.tags["filipctl.variant"] for v in variants) == sorted(rows)
     for v in variants:  # each variant's eval metrics on the variant run itself, to compare side by side
-        row = next(r for r in table["rows"] if r["setting"] == v.data.tags["filipctl.variant"])
-        assert v.data.metrics["i2t_R1"] == pytest.approx(row["i2t_R1"]) and v.info.status == "FINISHED"
-    data_jobs = {s.data.tags.get("filipctl.job_id") for v in variants for s in _stage_runs(client, exp_id, v.info.run_id)
+        assert v.data.metrics["i2t_R1"] == pytest.approx(rows[v.data.tags["filipctl.variant"]]["i2t_R1"])
+        assert v.info.status == "FINISHED"
+        stages = children(c, exp_id, v.info.run_id)
+        assert {s.data.tags["filipctl.stage"]: s.info.status for s in stages} == {
+            "data": "FINISHED", "pretrain": "FINISHED", "eval": "FINISHED"}
+    data_jobs = {s.data.tags.get("filipctl.job_id") for v in variants for s in children(c, exp_id, v.info.run_id)
                  if s.data.tags["filipctl.stage"] == "data"}
     assert len(data_jobs) == 1  # one data stage, shared by the four variants
+    # a shared stage's metrics reach every variant's run of it (the job itself logged on the first one only)
+    pre_metrics = [s.data.metrics.get("final_loss") for v in variants for s in children(c, exp_id, v.info.run_id)
+                   if s.data.tags["filipctl.stage"] == "data"]
+    assert len(pre_metrics) == 4
 
-    # 2. The same command again trains nothing: every stage is reused and shown as cached.
-    t0 = time.monotonic()
-    res = run_cli("ablate", ABLATION, "--components", "aug,late_interaction", *tiny, cwd=tmp_path)
-    elapsed = time.monotonic() - t0
-    assert res.returncode == 0 and _to_run(res.stdout) == 0, res.stdout + res.stderr
-    assert res.stdout.count("cached:") == 9
-    _, (again, _first) = _ablations(client)
-    for v in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{again.info.run_id}'"):
-        assert all(s.data.tags.get("filipctl.cached") == "true" for s in _stage_runs(client, exp_id, v.info.run_id))
-    print(f"rerun with everything cached: {elapsed:.1f} s")
+    # 2. The same command again trains nothing: every stage is reused and tagged cached; the table is the same.
+    again = InProcessTestBackend(metrics=eval_metrics)
+    result2 = ablate(tmp_path, ["aug", "late_interaction"], again)
+    assert again.submitted == [] and result2["rows"] == result["rows"]
+    for v in children(c, exp_id, result2["run_id"]):
+        assert all(s.data.tags.get("filipctl.cached") == "true" for s in children(c, exp_id, v.info.run_id))
 
     # 3. One more component: only the new variants train (+token_reduction, and all three together).
-    res = run_cli("ablate", ABLATION, "--components", "aug,late_interaction,token_reduction", *tiny, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert _to_run(res.stdout) == 4 and "+aug+late_interaction+token_reduction" in res.stdout
+    more = InProcessTestBackend(metrics=eval_metrics, max_stages=2)
+    result3 = ablate(tmp_path, ["aug", "late_interaction", "token_reduction"], more)
+    assert len(more.submitted) == 4 and "+aug+late_interaction+token_reduction" in {r["setting"] for r in result3["rows"]}
 
 
-def test_ablate_interrupted_then_rerun_runs_only_what_is_missing(tmp_path: Path, tiny: list[str]) -> None:
-    longer = [*tiny, "--set", "train.steps=40", "--set", "train.checkpoint_every=5"]
-    res = run_cli("ablate", ABLATION, "--components", "image_aug", *tiny, "--dry-run", cwd=tmp_path)
-    assert res.returncode == 0 and _to_run(res.stdout) == 5 and not (tmp_path / "runs").exists(), res.stdout
-    proc = subprocess.Popen([*FILIPCTL, "ablate", ABLATION, "--components", "image_aug", *longer], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # Wait until the first variant is done and the second one's pretraining has a checkpoint.
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        done = list((tmp_path / "runs" / "stages").glob("eval-*/done.json"))
-        ckpt = [p for p in (tmp_path / "runs" / "stages").glob("pretrain-*/checkpoints/latest")
-                if not (p.parent.parent / "done.json").exists()]
-        if done and ckpt:
-            break
-        time.sleep(0.3)
-    assert proc.poll() is None, "the ablation ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "interrupted" in err, err
+def test_a_failed_variant_is_named_in_the_table_and_the_others_finish(tmp_path: Path) -> None:
+    backend = InProcessTestBackend(metrics=eval_metrics, max_stages=2)
+    original = backend._advance
+
+    def advance(job):  # the +aug pretraining fails on its node
+        if job.request.stage.name == "pretrain" and '"augment": true' in job.request.run_dir.recipe.read_text():
+            job.outcome = State.FAILED
+        return original(job)
+
+    backend._advance = advance  # type: ignore[method-assign]
+    result = ablate(tmp_path, ["aug"], backend)
+    assert result["failed"] == ["+aug"]
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert rows["baseline"]["i2t_R1"] is not None and rows["+aug"]["i2t_R1"] is None
+    c, exp_id = client(tmp_path)
+    assert c.get_run(result["run_id"]).info.status == "FAILED"
+    status = {v.data.tags["filipctl.variant"]: v.info.status for v in children(c, exp_id, result["run_id"])}
+    assert status == {"baseline": "FINISHED", "+aug": "FAILED"}
+
+
+def test_ablate_interrupted_then_rerun_runs_only_what_is_missing(tmp_path: Path) -> None:
+    res = run_cli("ablate", ABLATION, "--components", "image_aug", "--set", f"output_dir={tmp_path / 'runs'}",
+                  "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0 and "2 stages" not in res.stdout and "5 to run" in res.stdout, res.stdout
+    assert not (tmp_path / "runs").exists()
+
+    class CtrlC(InProcessTestBackend):
+        def poll(self, handles):  # Ctrl-C arrives once the second pretraining runs
+            if sum(j.request.stage.name == "pretrain" for j in self.jobs.values()) == 2:
+                raise KeyboardInterrupt
+            return super().poll(handles)
+
+    backend = CtrlC(metrics=eval_metrics, max_stages=1)
+    with pytest.raises(FilipctlError, match="interrupted: cancelled .*pretrain"):
+        ablate(tmp_path, ["image_aug"], backend)
+    assert [j.cancelled for j in backend.jobs.values()] == [False, False, False, True]
+    c, exp_id = client(tmp_path)
+    (parent,) = c.search_runs([exp_id], "tags.`filipctl.kind` = 'ablation'")
+    assert parent.info.status == "KILLED"
     finished = len(list((tmp_path / "runs" / "stages").glob("*/done.json")))
-    assert 3 <= finished < 5
+    assert finished == 3  # data, one pretraining and its eval
 
-    res = run_cli("ablate", ABLATION, "--components", "image_aug", *longer, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert _to_run(res.stdout) == 5 - finished and res.stdout.count("cached:") == finished
-    pretrain_log = next(p for p in (tmp_path / "runs" / "stages").glob("pretrain-*/logs/pretrain.log")
-                        if "resumed from" in p.read_text())
-    assert "resumed from" in pretrain_log.read_text()  # the interrupted pretraining went on from its checkpoint
+    rerun = InProcessTestBackend(metrics=eval_metrics)
+    result = ablate(tmp_path, ["image_aug"], rerun)
+    assert [n.split("-")[0] for n in rerun.submitted] == ["pretrain", "eval"] and not result["failed"]
