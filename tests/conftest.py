@@ -48,3 +48,32 @@ def tiny(tmp_path: Path) -> list[str]:
             "data.eval": tmp_path / "data" / "eval", "output_dir": tmp_path / "runs",
             "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+def longer_overrides(folder: Path) -> list[str]:
+    """The recipe of the suite's one straight local training run (tests that compare a loss curve with it use
+    these same values): smoke_overrides with 40 steps, 2 loader workers per rank and both augmentations."""
+    sets = {"train.steps": 40, "train.checkpoint_every": 10, "train.log_every": 5, "optim.warmup_steps": 5,
+            "data.synthetic.train_samples": 600, "data.synthetic.eval_samples": 100,
+            "data.synthetic.samples_per_shard": 100, "data.loader_workers": 2, "data.augment": "true",
+            "data.text_augment": "true", "data.train": folder / "data" / "train", "data.eval": folder / "data" / "eval",
+            "output_dir": folder / "runs", "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}"}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real, uninterrupted local run (data -> 2-worker DeepSpeed pretraining -> eval), made once for the
+    session: tests/test_cli.py checks it and resumes against its loss curve, tests/test_slurm.py compares Slurm's
+    curve with it. -> {"folder", "uri", "res", "losses": {step: loss}}"""
+    folder = tmp_path_factory.mktemp("local_run")
+    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer_overrides(folder), cwd=folder)
+    assert res.returncode == 0, res.stdout + res.stderr
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("filip")
+    (pre,) = client.search_runs([exp.experiment_id], "tags.`filipctl.stage` = 'pretrain'")
+    losses = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "loss")}
+    return {"folder": folder, "uri": uri, "res": res, "losses": losses, "pretrain_run": pre.info.run_id}

@@ -122,7 +122,7 @@ def main() -> None:
            "COLUMNS": "200", MARK.split("=")[0]: MARK.split("=")[1]}
     fs = s3fs.S3FileSystem(key="filip-test-key", secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"])
     fs.mkdir(BUCKET)
-    steps = 60
+    steps = 40
     sets = {"train.steps": steps, "train.checkpoint_every": 10, "train.log_every": 10, "optim.warmup_steps": 5,
             "data.synthetic.train_samples": 600, "data.synthetic.eval_samples": 100,
             "data.synthetic.samples_per_shard": 200, "cluster.ray.storage_path": f"s3://{BUCKET}/ray"}
@@ -170,7 +170,7 @@ def main() -> None:
         "elapsed_s": time.time() - t0, "s3_files": files, "leaked": leaked, "steps": steps,
         "pretrain_log": (workdir / "logs" / "pretrain.log").read_text(errors="replace")
         if (workdir / "logs" / "pretrain.log").exists() else "",
-        "pretrain_json": json.loads((workdir / "pretrain.json").read_text()) if (workdir / "pretrain.json").exists() else None,
+        "pretrain_json": json.loads((workdir / "result.json").read_text())["metrics"] if (workdir / "result.json").exists() else None,
         "model_exists": (workdir / "model.pt").exists(),
     }
     result_file.write_text(json.dumps(result))

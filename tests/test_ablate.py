@@ -1,8 +1,8 @@
 """`filipctl ablate` through its real control side (graph, executor, runner, the MLflow sink on a real sqlite
 store, the table, markdown and chart) with jobs played by the in-process TEST backend: the table, the MLflow
 parent, a graph that never trains the same thing twice (rerun, one more component, Ctrl-C then the same
-command). Real training of an ablation runs on Slurm in tests/test_slurm_ablate.py; real Ctrl-C and resume
-of a training in tests/test_cli.py."""
+command). Slurm holding and cancelling dependent jobs is tested on the real cluster in tests/test_slurm_backend.py
+and tests/test_slurm.py; real Ctrl-C and resume of a training in tests/test_cli.py."""
 
 from __future__ import annotations
 

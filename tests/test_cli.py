@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FILIPCTL, ROOT, run_cli
+from tests.conftest import FILIPCTL, ROOT, longer_overrides, run_cli
 
 HEAVY = ("torch", "ray", "deepspeed", "mlflow")
 
@@ -66,19 +66,19 @@ def _mlflow_client(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_overrides: list[str]) -> None:
-    # 1. A full run through the CLI: data -> 2-worker DeepSpeed pretraining -> eval.
-    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *smoke_overrides, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+def test_run_end_to_end_then_interrupt_and_resume(local_run: dict, tmp_path: Path) -> None:
+    # 1. A full run through the CLI (the session's straight local run, conftest.local_run): data -> 2-worker
+    #    DeepSpeed pretraining with 2 loader workers per rank and both augmentations -> eval.
+    res, home = local_run["res"], local_run["folder"]
     assert "zeroshot_top1" in res.stdout and "i2t_R1" in res.stdout and "mlflow ui" in res.stdout
 
-    client = _mlflow_client(tmp_path)
+    client = _mlflow_client(home)
     exp = client.get_experiment_by_name("filip")
     parents = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.steps"] == "20" and parent.data.params["model.interaction"] == "late"
+    assert parent.data.params["train.steps"] == "40" and parent.data.params["model.interaction"] == "late"
     assert len(parent.data.tags["filipctl.git_commit"]) in (40, 7) or parent.data.tags["filipctl.git_commit"] == "unknown"
     assert parent.data.tags["filipctl.git_dirty"] in ("true", "false", "unknown")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -89,7 +89,7 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     assert all(c.info.status == "FINISHED" for c in children)
     pre = by_stage["pretrain"]
     losses = client.get_metric_history(pre.info.run_id, "loss")
-    assert [m.step for m in losses] == [5, 10, 15, 20]
+    assert sorted(m.step for m in losses) == [5 * i for i in range(1, 9)]
     assert all(m.value == m.value for m in losses)  # finite, logged per step
     assert {"model", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert pre.data.tags["filipctl.world_size"] == "2" and pre.data.tags["filipctl.torch_threads"] == "1"
@@ -99,19 +99,19 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     assert 0.0 <= ev["zeroshot_top1"] <= 1.0 and "t2i_R10" in ev
 
     # 2. `filipctl status` shows the run and its stages; --json for scripts.
-    st = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json", cwd=tmp_path)
+    st = run_cli("status", "--tracking-uri", local_run["uri"], "--json", cwd=tmp_path)
     assert st.returncode == 0, st.stderr
     rows = json.loads(st.stdout)
     assert rows[0]["recipe"] == "smoke" and rows[0]["backend"] == "local" and rows[0]["state"] == "COMPLETED"
     assert [s["stage"] for s in rows[0]["stages"]] == ["data", "pretrain", "eval"]
-    table = run_cli("status", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    table = run_cli("status", "--tracking-uri", local_run["uri"], cwd=tmp_path)
     assert "pretrain" in table.stdout and "COMPLETED" in table.stdout and "zeroshot_top1" in table.stdout
     # a stage's duration counts from when it started running: eval's is far shorter than the whole run's
     durations = {s["stage"]: s["duration_s"] for s in rows[0]["stages"]}
     assert 0 < durations["eval"] < rows[0]["duration_s"] / 2, (durations, rows[0]["duration_s"])
     # status reads the state index the run kept beside the store: the same rows, without importing MLflow.
     probe = ("import json, sys\n"
-             f"sys.argv = ['filipctl', 'status', '--json', '--tracking-uri', 'sqlite:///{tmp_path / 'mlflow.db'}']\n"
+             f"sys.argv = ['filipctl', 'status', '--json', '--tracking-uri', '{local_run['uri']}']\n"
              "from filipctl.cli.app import main\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
              "print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr)\n")
@@ -129,7 +129,7 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
 
     classification_set(tmp_path / "bench" / "wds_cls", {"train": 48, "test": 24}, templates=["a photo of a {c}."])
     retrieval_set(tmp_path / "bench" / "wds_ret", 16, captions_per_image=3)
-    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    uri = ["--tracking-uri", local_run["uri"]]
     res = run_cli("eval", parent.info.run_id[:8], "-d", "bench/wds_cls", "-d", str(tmp_path / "bench" / "wds_ret"),
                   *uri, "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -163,10 +163,9 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     missing = run_cli("eval", parent.info.run_id[:8], "-d", "bench/nope", *uri, cwd=tmp_path)
     assert missing.returncode != 0 and "bench/nope" in missing.stderr and "Traceback" not in missing.stderr
 
-    # 3. A longer recipe with 2 loader workers per rank, interrupted (Ctrl-C) after its first checkpoint ...
-    longer = [*smoke_overrides, "--set", "train.steps=40", "--set", "data.loader_workers=2",
-              "--set", "data.synthetic.samples_per_shard=100", "--set", "data.augment=true",
-              "--set", "data.text_augment=true"]
+    # 3. The same recipe in a folder and store of its own (no eval: what is compared is the loss curve),
+    #    interrupted (Ctrl-C) after its first checkpoint ...
+    longer = [*longer_overrides(tmp_path), "--set", "eval.enabled=false"]
     proc = subprocess.Popen([*FILIPCTL, "run", str(ROOT / "recipes/smoke.yaml"), *longer], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"},
@@ -186,6 +185,8 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted" in err and "Traceback" not in err
+    client = _mlflow_client(tmp_path)
+    exp = client.get_experiment_by_name("filip")
     killed = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'",
                                 order_by=["attributes.start_time DESC"])[0]
     assert killed.info.status == "KILLED"
@@ -199,13 +200,11 @@ def test_run_end_to_end_then_interrupt_and_resume(tmp_path: Path, smoke_override
     summary = json.loads((latest.parent.parent / "result.json").read_text())["metrics"]
     assert summary["steps_run"] == 40 - saved
 
-    # ... with a loss curve bitwise identical to an uninterrupted run of the same recipe and seed.
-    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer, "--set", f"output_dir={tmp_path / 'straight'}",
-                  cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+    # ... with a loss curve bitwise identical to the uninterrupted run of the same recipe and seed.
     pipelines = client.search_runs([exp.experiment_id], "tags.`filipctl.kind` = 'pipeline'",
                                    order_by=["attributes.start_time ASC"])
-    interrupted, resumed, straight = (_pretrain_losses(client, p) for p in pipelines[-3:])
+    interrupted, resumed = (_pretrain_losses(client, p) for p in pipelines[-2:])
+    straight = local_run["losses"]
     assert sorted(straight) == [5 * i for i in range(1, 9)]
     assert min(resumed) > saved and max(resumed) == 40
     for step, loss in {**interrupted, **resumed}.items():

@@ -256,7 +256,7 @@ def test_img2dataset_shards_with_a_damaged_one_filtered_then_raw(tmp_path: Path,
     assert dm["eval_pairs"] == 100 and dm["classes"] == len(SHAPES)
     pre = stages["pretrain"].info.run_id
     assert [m.step for m in client.get_metric_history(pre, "loss")] == [5, 10, 15, 20]
-    assert json.loads((run_dir / "pretrain.json").read_text())["steps_run"] == 20
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["steps_run"] == 20
     # The filter left the damage behind: training reads clean shards.
     assert [m.value for m in client.get_metric_history(pre, "skipped_samples")] == [0.0] * 4
     ev = stages["eval"].data.metrics

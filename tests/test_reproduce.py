@@ -30,11 +30,38 @@ def _diff(tmp_path: Path, a: str, b: str) -> dict[str, list[dict]]:
     return json.loads(res.stdout)["differences"]
 
 
+def _records_what_rebuilds_it(tmp_path: Path, run_id: str) -> None:
+    """Patch, code digest, data digest and dataset inputs, environment: each on the run as MLflow holds it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    from filipctl.tracking.provenance import git_state, source_patch
+
+    assert tags["filipctl.git_commit"] == git_state()["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    patch, _ = source_patch()
+    if patch:  # a development tree: the uncommitted changes travel with the run
+        logged = Path(client.download_artifacts(run.info.run_id, "source.patch", str(tmp_path))).read_bytes()
+        assert logged == patch and len(tags["filipctl.git_patch_sha256"]) == 16
+    else:
+        assert "source.patch" not in artifacts and tags["filipctl.git_patch_sha256"] == ""
+    assert len(tags["filipctl.code_digest"]) == 16 and len(tags["filipctl.data_digest"]) == 64
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "eval"} and inputs["train"].name == str(tmp_path / "data" / "train")
+    assert json.loads(inputs["train"].profile) == {"shards": 2, "samples": 200}
+    index = json.loads(next((tmp_path / "runs" / "stages").glob("data-*/data.json")).read_text())
+    assert index["digest"] == tags["filipctl.data_digest"]
+    assert all(d.startswith("sha256:") and len(d) == 71 for d in index["train"][0]["digests"])
+
+
 def test_reproduce_verify_then_diff_names_exactly_what_changed(tmp_path: Path, tiny: list[str]) -> None:
     uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     res = run_cli("run", SMOKE, *tiny, "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     original = json.loads(res.stdout)["run_id"]
+    _records_what_rebuilds_it(tmp_path, original)
 
     # 1. Rebuilt from MLflow (commit + patch worktree, recorded recipe) and rerun into a fresh folder, with one
     #    more package installed than the original had: the environment check names it; the numbers do not move.
@@ -72,34 +99,6 @@ def test_reproduce_verify_then_diff_names_exactly_what_changed(tmp_path: Path, t
                         rp.load_record(client, client.get_run(changed)))
     assert not verdict.identical and verdict.lines[0].startswith("loss first differs at step 2:"), verdict.lines
     assert "difference" in verdict.lines[0]
-
-
-def test_a_run_records_what_rebuilds_it(tmp_path: Path, tiny: list[str]) -> None:
-    """Patch, code digest, data digest and dataset inputs, environment: each on the run as MLflow holds it."""
-    res = run_cli("run", SMOKE, *tiny, "--json", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(json.loads(res.stdout)["run_id"])
-    tags = run.data.tags
-    from filipctl.tracking.provenance import git_state, source_patch
-
-    assert tags["filipctl.git_commit"] == git_state()["git_commit"]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    patch, _ = source_patch()
-    if patch:  # a development tree: the uncommitted changes travel with the run
-        logged = Path(client.download_artifacts(run.info.run_id, "source.patch", str(tmp_path))).read_bytes()
-        assert logged == patch and len(tags["filipctl.git_patch_sha256"]) == 16
-    else:
-        assert "source.patch" not in artifacts and tags["filipctl.git_patch_sha256"] == ""
-    assert len(tags["filipctl.code_digest"]) == 16 and len(tags["filipctl.data_digest"]) == 64
-    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
-    assert set(inputs) == {"train", "eval"} and inputs["train"].name == str(tmp_path / "data" / "train")
-    assert json.loads(inputs["train"].profile) == {"shards": 2, "samples": 200}
-    index = json.loads(next((tmp_path / "runs" / "stages").glob("data-*/data.json")).read_text())
-    assert index["digest"] == tags["filipctl.data_digest"]
-    assert all(d.startswith("sha256:") and len(d) == 71 for d in index["train"][0]["digests"])
 
 
 def test_the_source_patch_rebuilds_every_kind_of_change(tmp_path: Path) -> None:

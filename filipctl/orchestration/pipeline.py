@@ -26,7 +26,7 @@ from filipctl.orchestration import stage_folders
 from filipctl.orchestration.executor import Executor, Limits, Step
 from filipctl.orchestration.graph import Graph, build_graph
 from filipctl.orchestration.preflight import align_to_cluster, preflight
-from filipctl.orchestration.runner import Runner
+from filipctl.orchestration.runner import Runner, Transition
 from filipctl.schema import Recipe
 from filipctl.states import State
 
@@ -117,6 +117,8 @@ class GraphRun:
         view = ProgressView(self.console)
         self.runner.subscribers += [self.sink, view]
         self.runner.ticks.append(view.tick)
+        if self.backend.native_dependencies:  # the whole graph goes to the scheduler at once: say which job is which
+            self.runner.subscribers.append(_QueuedLine(self.console, len(self.to_run())))
         try:
             with view:
                 followed = self.runner.run(detach)
@@ -129,8 +131,6 @@ class GraphRun:
             self.sink.close(self.states, self.metrics)
             raise
         if not followed:
-            queued = [(self.graph.nodes[k].stage.name, h.label) for k, h in self.runner.handles.items()]
-            self.console.print("queued: " + ", ".join(f"{name} = job {label}" for name, label in queued), highlight=False)
             self.console.print(f"detached. Follow with: filipctl status   filipctl logs {self.top[:8]}   "
                                f"filipctl cancel {self.top[:8]}", highlight=False)
             return False
@@ -152,6 +152,20 @@ class GraphRun:
             return RunFailed(f"stage {node.stage.name} {verb}{': ' + why if why else ''}; {what}: "
                                f"{', '.join(dependents) or 'nothing'}. Last lines of its log:\n{_tail(log)}")
         return None
+
+
+class _QueuedLine:
+    """On a scheduler: one line naming each stage's job once every stage to run was queued."""
+
+    def __init__(self, console: Console, expected: int) -> None:
+        self.console, self.expected = console, expected
+        self.jobs: list[str] = []
+
+    def changed(self, t: Transition) -> None:
+        if t.new is State.QUEUED and t.handle is not None:
+            self.jobs.append(f"{t.node.stage.name} = job {t.handle.label}")
+            if len(self.jobs) == self.expected:
+                self.console.print("queued: " + ", ".join(self.jobs), highlight=False)
 
 
 def run_pipeline(recipe: Recipe, recipe_path: str, console: Console, fresh: bool = False,
