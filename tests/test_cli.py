@@ -66,6 +66,7 @@ def _mlflow_client(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # with tests/test_slurm.py, which shares conftest.local_run
 def test_run_end_to_end_then_interrupt_and_resume(local_run: dict, tmp_path: Path) -> None:
     # 1. A full run through the CLI (the session's straight local run, conftest.local_run): data -> 2-worker
     #    DeepSpeed pretraining with 2 loader workers per rank and both augmentations -> eval.

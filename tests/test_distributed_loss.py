@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.xdist_group("torchrun")  # its module fixture runs once, on one worker
+
 WORLD_SIZE = 2
 BATCH = 8  # 4 per rank
 INTERACTIONS = ("late", "global")

@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import ROOT, longer_overrides, run_cli
 from tests.slurm_util import my_queue, sacct, slurm_cluster, wait_for  # noqa: F401 (slurm_cluster: autouse)
 
-pytestmark = pytest.mark.slow
+# One worker runs every test of the one test cluster (and conftest.local_run, shared with tests/test_cli.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def status_json(tmp_path: Path) -> list[dict]:

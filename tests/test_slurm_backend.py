@@ -22,7 +22,10 @@ from filipctl.schema import SlurmProfile
 from filipctl.states import State
 from tests.slurm_util import recording_sacct, sacct, slurm_cluster  # noqa: F401 (slurm_cluster: autouse)
 
-MIN_S, MAX_S = 0.25, 1.0  # the back-off under test: 0.25, 0.5, 1, 1, ... seconds between sacct calls
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs every test of the one test cluster
+
+MIN_S, MAX_S = 0.25, 2.0  # the back-off under test: 0.25, 0.5, 1, 2, 2, ... seconds between sacct calls
+LATE_S = 1.0  # how much later than due a call may come: sacct's own run time on a busy machine (2 cores, 2 test workers)
 
 # The stage job: prints, waits for a file if told to, exits with the status it is told.
 TINY_JOB = '''
@@ -100,19 +103,19 @@ def test_one_batched_sacct_call_per_interval_backing_off(cluster: Cluster) -> No
     poll_until(cluster.backend, handles, lambda s: s == settled, 60)
     # The poll that saw the last change called sacct and reset the interval: from here nothing changes.
     start = len(cluster.sacct_calls())
-    polls, t_end = 0, time.time() + 4.5
+    polls, t_end = 0, time.time() + 6.5
     while time.time() < t_end:
         assert cluster.backend.poll(handles) == settled
         polls += 1
         time.sleep(0.01)
     calls = cluster.sacct_calls()[start - 1:]
     gaps = [round(b[0] - a[0], 2) for a, b in zip(calls, calls[1:])]
-    print(f"quiet 4.5 s: {polls} polls of {len(handles)} jobs, {len(calls) - 1} sacct calls, gaps {gaps}")
+    print(f"quiet 6.5 s: {polls} polls of {len(handles)} jobs, {len(calls) - 1} sacct calls, gaps {gaps}")
     # (a) each call asks for all four jobs at once
     assert all(args.endswith(f"--jobs={ids}") for _, args in calls), calls
     # (b, c) at most one call per interval, due calls not skipped, the interval doubling to its cap
     expected = [min(MIN_S * 2**i, MAX_S) for i in range(len(gaps))]
-    assert len(gaps) >= 4 and all(e <= g < e + 0.45 for g, e in zip(gaps, expected)), (gaps, expected)
+    assert len(gaps) >= 4 and all(e <= g < e + LATE_S for g, e in zip(gaps, expected)), (gaps, expected)
     assert polls > 20 * len(gaps)
     # afterok: the node has room (8 CPUs, 4 one-CPU jobs), yet Slurm holds the dependent job.
     reason = subprocess.run(["squeue", "-h", "-o", "%r", "-j", later.label], capture_output=True, text=True).stdout
@@ -133,7 +136,7 @@ def test_one_batched_sacct_call_per_interval_backing_off(cluster: Cluster) -> No
             break
         time.sleep(0.01)
     first_change = next(i for i, (_, _, s) in enumerate(seen) if s != settled)
-    assert MIN_S <= seen[first_change + 1][0] - seen[first_change][0] < MIN_S + 0.4, seen
+    assert MIN_S <= seen[first_change + 1][0] - seen[first_change][0] < MIN_S + LATE_S < MAX_S, seen
     # Ended jobs are not asked about again; once all ended, polls call no sacct at all.
     for (_, _, before), (_, args, _) in zip(seen, seen[1:]):
         assert args.endswith("--jobs=" + ",".join(sorted(h.label for h in handles if not before[h.ref].ended)))

@@ -109,7 +109,8 @@ def cancel(
             continue
         if handle:
             handle.cancel()
-        tracker.set_state(j.run_id, State.CANCELLED)
+        # A stage never submitted will never run: SKIPPED, as the executor of a followed run records it too.
+        tracker.set_state(j.run_id, State.CANCELLED if handle else State.SKIPPED)
         cancelled.append(j.stage + (f" (job {handle.label})" if handle and handle.label else ""))
     if not State.parse(parent.info.status).ended:
         tracker.set_state(parent.info.run_id, State.CANCELLED)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from filipctl.backends import Backend, get_backend
-from filipctl.errors import FilipctlError
+from filipctl.errors import FilipctlError, UsageProblem
 from filipctl.orchestration import stage_folders
 from filipctl.orchestration.executor import Executor, Limits, Step
 from filipctl.orchestration.graph import Graph, build_graph
@@ -104,6 +104,11 @@ class GraphRun:
         from filipctl.tracking.sink import MlflowSink
         from filipctl.tracking.writer import Tracker
 
+        stages, _ = self.backend.capacity()
+        if detach and stages is not None and stages < len(self.to_run()):
+            # Detached, nobody would be there to submit the rest once room frees up.
+            raise UsageProblem(f"--detach queues the whole graph at once, but cluster.{self.backend.name}.max_parallel "
+                               f"is {stages} for {len(self.to_run())} stages to run; unset it or do not detach")
         stage_folders.prepare(self.graph, self.to_run(), fresh=self.force)
         self.sink = MlflowSink(Tracker(uri, self.first.tracking.experiment), self.graph, self.backend.name)
         self.top = self.sink.open(self.recipes, recipe_path, self.label, self.tags, ablation)
