@@ -151,12 +151,13 @@ def write_result(run_dir: RunDir, metrics: dict[str, float], digests: dict[str, 
                  skipped: int = 0) -> None:
     """What a completed job hands the control side (result.json in its stage folder): its final metrics, the
     sha256 of what it produced or read (`{"model.pt": ..., "data": ...}`) and the samples it skipped.
-    The CLI reads this, never the metrics back from MLflow."""
+    The CLI reads this, never the metrics back from MLflow. It also names the MLflow run the job logged to
+    (its loss curve), which a later run that reuses the stage points at (`filipctl reproduce`)."""
     import json
 
     write_atomic(run_dir.result, json.dumps({"metrics": {k: float(v) for k, v in metrics.items()},
-                                             "digests": dict(digests or {}), "skipped_samples": int(skipped)},
-                                            indent=1))
+                                             "digests": dict(digests or {}), "skipped_samples": int(skipped),
+                                             "mlflow_run": os.environ.get(ENV_RUN_ID, "")}, indent=1))
 
 
 def read_result(run_dir: RunDir) -> dict | None:

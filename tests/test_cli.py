@@ -89,6 +89,9 @@ def test_run_end_to_end_then_interrupt_and_resume(local_run: dict, tmp_path: Pat
     assert set(by_stage) == {"data", "pretrain", "eval"}
     assert all(c.info.status == "FINISHED" for c in children)
     pre = by_stage["pretrain"]
+    # the stage's done record names the run that holds its loss curve (for runs that reuse it later)
+    done = json.loads((Path(pre.data.tags["filipctl.workdir"]) / "done.json").read_text())
+    assert done["mlflow_run"] == pre.info.run_id and done["digests"]["model.pt"] and done["metrics"]["final_loss"] > 0
     losses = client.get_metric_history(pre.info.run_id, "loss")
     assert sorted(m.step for m in losses) == [5 * i for i in range(1, 9)]
     assert all(m.value == m.value for m in losses)  # finite, logged per step

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.xdist_group("torchrun")  # its module fixture runs once, on one worker
+pytestmark = pytest.mark.xdist_group("torchrun")  # its tests on one worker, so that `runs` is computed once
 
 WORLD_SIZE = 2
 BATCH = 8  # 4 per rank
@@ -126,7 +126,8 @@ def _run_ranks(tmp_path: Path, images: torch.Tensor, ids: torch.Tensor, timeout:
         pytest.fail("distributed worker failed\n" + "\n".join(report), pytrace=False)
 
 
-@pytest.fixture(scope="module")
+# Session scope: a test worker may run other modules' tests between these, which would end a module fixture.
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """(2-rank results, 1-process reference results), each {interaction: {...}}, computed once."""
     from models.tokenizer import tokenize

@@ -13,10 +13,11 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.xdist_group("ray")  # its module fixture runs once, on one worker
+pytestmark = pytest.mark.xdist_group("ray")  # its tests on one worker, so that the scenario runs once
 
 
-@pytest.fixture(scope="module")
+# Session scope: a test worker may run other modules' tests between these, which would end a module fixture.
+@pytest.fixture(scope="session")
 def ray_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run tests/ray_scenario.py once (about 3 minutes) and share what it saw."""
     tmp_path = tmp_path_factory.mktemp("ray")

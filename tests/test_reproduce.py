@@ -62,6 +62,17 @@ def test_reproduce_verify_then_diff_names_exactly_what_changed(tmp_path: Path, t
     assert res.returncode == 0, res.stderr
     original = json.loads(res.stdout)["run_id"]
     _records_what_rebuilds_it(tmp_path, original)
+    # The same command again reuses every stage; its record points at the runs that made them (their loss curve).
+    res = run_cli("run", SMOKE, *tiny, "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    from mlflow.tracking import MlflowClient
+
+    from filipctl.orchestration import reproduce as rp
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first, cached = (rp.load_record(client, client.get_run(r)) for r in (original, json.loads(res.stdout)["run_id"]))
+    assert cached.stages["pretrain"].info.run_id == first.stages["pretrain"].info.run_id
+    assert rp.verify(client, first, cached).identical
 
     # 1. Rebuilt from MLflow (commit + patch worktree, recorded recipe) and rerun into a fresh folder, with one
     #    more package installed than the original had: the environment check names it; the numbers do not move.
@@ -90,11 +101,6 @@ def test_reproduce_verify_then_diff_names_exactly_what_changed(tmp_path: Path, t
     assert table.returncode == 0 and "optim.weight_decay" in table.stdout and "0.05" in table.stdout
 
     # 3. The verdict on runs that differ: the first differing step and the size of the difference.
-    from mlflow.tracking import MlflowClient
-
-    from filipctl.orchestration import reproduce as rp
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     verdict = rp.verify(client, rp.load_record(client, client.get_run(original)),
                         rp.load_record(client, client.get_run(changed)))
     assert not verdict.identical and verdict.lines[0].startswith("loss first differs at step 2:"), verdict.lines

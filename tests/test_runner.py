@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from filipctl.contract import ENV_RUN_ID
 from filipctl.errors import FilipctlError
 from filipctl.orchestration import ablation, stage_folders
 from filipctl.orchestration import status as st
@@ -69,7 +70,9 @@ def run_graph(graph: Graph, backend: InProcessTestBackend, force: bool = False, 
     return runner
 
 
-def test_a_run_records_each_result_and_a_rerun_reuses_every_stage(tmp_path: Path) -> None:
+def test_a_run_records_each_result_and_a_rerun_reuses_every_stage(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_RUN_ID, "run-of-the-job")  # as the job's environment names its MLflow run
     graph = build_graph({"": smoke(tmp_path)}, tmp_path / "runs")
     backend = InProcessTestBackend(metrics={"pretrain": {"final_loss": 1.5}, "eval": {"zeroshot_top1": 0.5}})
     seen = Seen()
@@ -81,6 +84,7 @@ def test_a_run_records_each_result_and_a_rerun_reuses_every_stage(tmp_path: Path
     # the result channel: metrics come from the job's result.json, into done.json and to the subscribers
     done = json.loads(pre.run_dir.done.read_text())
     assert done["metrics"] == {"final_loss": 1.5} and runner.metrics[ev.key] == {"zeroshot_top1": 0.5}
+    assert done["mlflow_run"] == "run-of-the-job"  # where a later run that reuses it finds its loss curve
     assert json.loads(ev.run_dir.done.read_text())["inputs"] == {
         graph.variants[""]["data"]: json.loads(graph.nodes[graph.variants[""]["data"]].run_dir.done.read_text())["id"],
         pre.key: done["id"]}

@@ -76,7 +76,8 @@ def record_done(run_dir: RunDir, key: str, stage: str) -> dict[str, float] | Non
             continue  # an input from outside the graph (a model.pt): its digest is in the key already
     write_atomic(run_dir.done, json.dumps({
         "key": key, "id": uuid.uuid4().hex, "stage": stage, "metrics": result["metrics"],
-        "digests": result.get("digests", {}), "inputs": inputs, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        "digests": result.get("digests", {}), "inputs": inputs, "mlflow_run": result.get("mlflow_run", ""),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return result["metrics"]
 
 
