@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build(folder: Path, runs: int) -> str:
+    from filipctl.states import State
     from filipctl.tracking.writer import Tracker
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -34,8 +35,8 @@ def build(folder: Path, runs: int) -> str:
             run = tracker.start_stage(parent, stage, "smoke", "local", metric)
             tracker.tag(run, "filipctl.job_id", str(folder / "logs" / f"{i}.{stage}.job.json"))
             tracker.log_metrics(run, {metric: value})
-            tracker.end(run, "FINISHED")
-        tracker.end(parent, "FINISHED")
+            tracker.set_state(run, State.COMPLETED)
+        tracker.set_state(parent, State.COMPLETED)
         if (i + 1) % 100 == 0:
             print(f"  {i + 1}/{runs} runs written ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return uri

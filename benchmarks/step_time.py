@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from filipctl.contract import JOB_ENV, RunDir, free_port, worker_args  # noqa: E402
+from filipctl.contract import JOB_ENV, RunDir, free_port, read_result, worker_args  # noqa: E402
 from filipctl.recipes import load_recipe, recipe_to_dict  # noqa: E402
 
 SETTINGS = [
@@ -55,7 +55,7 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k not in JOB_ENV}  # nothing to report to
         subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = json.loads(run_dir.pretrain_summary.read_text())
+        result = read_result(run_dir)["metrics"]
         rows.append((name, result["compute_step_s"]))
         print(f"{name}: {result['compute_step_s']:.3f} s/step", file=sys.stderr, flush=True)
     base = rows[0][1]
