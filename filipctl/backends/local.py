@@ -74,7 +74,9 @@ class LocalBackend:
                                 cwd=os.getcwd())
         log.close()
         record = request.run_dir.job_record(request.stage.name)
-        record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv}))
+        # owner: this process, which records how the job ends; others only read until it is gone.
+        record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv,
+                                      "owner": os.getpid()}))
         job_id = str(record)
         self._procs[job_id] = proc
         return JobHandle(self, job_id, str(proc.pid), request.run_dir.root)
@@ -108,8 +110,8 @@ class LocalBackend:
         rec = self._record(job_id)
         if "exit_code" in rec:
             return _state_of(rec["exit_code"], rec.get("cancelled", False))
-        if _alive(rec["pid"]):
-            return State.RUNNING
+        if _alive(rec["pid"]) or _alive(rec.get("owner", 0)):
+            return State.RUNNING  # (or just ended: the process that started it is about to record how)
         if rec.get("cancelled"):
             return State.CANCELLED
         # Gone, and whoever started it did not see it end (that CLI was killed): its result says how it ended.

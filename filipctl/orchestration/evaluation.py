@@ -32,7 +32,7 @@ from filipctl.states import State
 
 
 @dataclass
-class Source:
+class EvalTarget:
     """What is evaluated: the weights, the recipe that built them and the data stage they came with."""
 
     weights: Path
@@ -60,23 +60,23 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def _from_folder(folder: Path, described: str) -> Source:
+def _from_folder(folder: Path, described: str) -> EvalTarget:
     rd = RunDir(folder)
     if not rd.model.is_file():
         raise FilipctlError(f"{folder} holds no model.pt: give a pretrain stage folder of a finished run, a model.pt "
                             "file, or an MLflow run id (`filipctl status` lists them)")
-    return Source(rd.model, rd.recipe if rd.recipe.is_file() else None, _data_of(folder), described,
+    return EvalTarget(rd.model, rd.recipe if rd.recipe.is_file() else None, _data_of(folder), described,
                   _recorded_digest(folder))
 
 
-def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: float) -> Source:
-    """RUN_OR_CHECKPOINT -> Source: a weights file, a pretrain stage folder, or an MLflow run id (prefix) or name."""
+def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: float) -> EvalTarget:
+    """RUN_OR_CHECKPOINT -> EvalTarget: a weights file, a pretrain stage folder, or an MLflow run id (prefix) or name."""
     path = Path(target).expanduser()
     if path.is_file():
         parent = RunDir(path.parent)
         # A pretrain stage's own model.pt: its result.json knows the digest; any other file is hashed later.
         digest = _recorded_digest(path.parent) if path.name == "model.pt" else None
-        return Source(path, parent.recipe if parent.recipe.is_file() else None, _data_of(path.parent), str(path),
+        return EvalTarget(path, parent.recipe if parent.recipe.is_file() else None, _data_of(path.parent), str(path),
                       digest)
     if path.is_dir():
         return _from_folder(path, str(path))
@@ -102,7 +102,7 @@ def resolve(target: str, tracking_uri: str | None, experiment: str, timeout_s: f
     return _from_folder(Path(workdir), run.info.run_id)
 
 
-def eval_recipe(source: Source, recipe_path: str | None, sets: list[str], datasets: list[str],
+def eval_recipe(source: EvalTarget, recipe_path: str | None, sets: list[str], datasets: list[str],
                 held_out: bool | None) -> Recipe:
     """The recipe of the evaluated run with --set applied; --dataset replaces eval.datasets."""
     from filipctl.recipes import load_recipe
@@ -231,7 +231,7 @@ class EvalResult:
     duration_s: float
 
 
-def run_eval(source: Source, recipe: Recipe, console: Console, force: bool = False) -> EvalResult:
+def run_eval(source: EvalTarget, recipe: Recipe, console: Console, force: bool = False) -> EvalResult:
     from filipctl.orchestration.graph import external_graph
     from filipctl.orchestration.pipeline import GraphRun
     from filipctl.orchestration.preflight import align_to_cluster

@@ -116,11 +116,12 @@ class MlflowSink:
             for run in runs:
                 self.tracker.tag(run, TAG_CACHED, "true")
                 self.tracker.tag(run, TAG_WORKDIR, str(t.node.run_dir.root))
+        if t.new is State.COMPLETED:
+            # Its job logged the metrics on runs[0] itself (the index keeps the key metric); the others get copies.
+            self.tracker.state.set_metrics(runs[0], t.metrics)
         if t.new.ok:
-            # The job logged its metrics on runs[0] itself; the cached stage and the other variants get them here.
             for run in (runs if t.new is State.CACHED else runs[1:]):
                 self.tracker.log_metrics(run, t.metrics)
-            self.tracker.state.set_metrics(runs[0], t.metrics)
             self.record_data(t.node)
         for run in runs:
             self.tracker.set_state(run, t.new)

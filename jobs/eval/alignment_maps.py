@@ -15,7 +15,7 @@ from filipctl.schema import EvalConfig
 from jobs.eval import alignment
 from jobs.eval.encoder import Encoder
 from jobs.eval.prompts import class_templates
-from jobs.eval.sets import Batch, EvalSet
+from jobs.eval.sets import EvalBatch, EvalSet
 from models.filip import Encoded
 
 
@@ -28,7 +28,7 @@ class AlignmentMaps:
         self.folder = folder / ds.name
         self.drawn = 0
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         for i, pil in enumerate(batch.raw):  # only the first images of the split are kept raw
             label = batch.labels[i] if batch.labels else None
             self._draw(pil, images.tokens[i], label, batch.captions[i])

@@ -46,7 +46,7 @@ class EvalSet:
 
 
 @dataclass
-class Batch:
+class EvalBatch:
     images: Tensor  # [B, 3, H, W]
     captions: list[list[str]]  # per image, one or more (empty for a classification set)
     labels: list[int]  # per image (empty for a retrieval set)
@@ -166,7 +166,7 @@ def _captions(sample: dict[str, Any], held_out: bool) -> list[str]:
 
 
 def batches(ds: EvalSet, split: str, image_size: int, batch_size: int, problems: ErrorLog,
-            keep_raw: int = 0) -> Iterator[Batch]:
+            keep_raw: int = 0) -> Iterator[EvalBatch]:
     """The split in order, `batch_size` samples at a time; samples that cannot be decoded go to `problems`
     (counted, named, left out); a shard that cannot be read stops the evaluation (JobError).
 
@@ -186,7 +186,7 @@ def batches(ds: EvalSet, split: str, image_size: int, batch_size: int, problems:
     want_labels = ds.classnames is not None
     n_classes = len(ds.classnames or [])
     seen = 0
-    batch = Batch([], [], [], [], [])
+    batch = EvalBatch([], [], [], [], [])
     for sample in iter_samples(ds.splits[split], on_error=on_shard_error):
         try:
             pil = decode_image(sample)
@@ -208,7 +208,7 @@ def batches(ds: EvalSet, split: str, image_size: int, batch_size: int, problems:
             batch.raw.append(pil)
         seen += 1
         if len(batch.images) == batch_size:
-            yield Batch(torch.stack(batch.images), batch.captions, batch.labels, batch.meta, batch.raw)
-            batch = Batch([], [], [], [], [])
+            yield EvalBatch(torch.stack(batch.images), batch.captions, batch.labels, batch.meta, batch.raw)
+            batch = EvalBatch([], [], [], [], [])
     if batch.images:
-        yield Batch(torch.stack(batch.images), batch.captions, batch.labels, batch.meta, batch.raw)
+        yield EvalBatch(torch.stack(batch.images), batch.captions, batch.labels, batch.meta, batch.raw)

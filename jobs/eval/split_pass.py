@@ -15,13 +15,13 @@ from filipctl.contract import JobError
 from jobs.data.shards import ErrorLog
 from jobs.eval.encoder import Encoder
 from jobs.eval.features import FeatureFile
-from jobs.eval.sets import Batch, EvalSet, batches
+from jobs.eval.sets import EvalBatch, EvalSet, batches
 from jobs.events import emit
 from models.filip import Encoded
 
 
 class Observer(Protocol):
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         """One batch: `images` its encoded images, `first` the split-wide index of its first image."""
 
 

@@ -31,7 +31,7 @@ from jobs.eval.linear_probe import linear_probe
 from jobs.eval.names import HELD_OUT
 from jobs.eval.prompts import class_templates, object_prompt
 from jobs.eval.scoring import class_scores, classification, retrieval
-from jobs.eval.sets import Batch, EvalSet
+from jobs.eval.sets import EvalBatch, EvalSet
 from jobs.eval.split_pass import EncodedSplit, encode_split
 from jobs.events import emit
 from models.filip import Encoded
@@ -48,7 +48,7 @@ class Task:
 
     name: ClassVar[str]  # clip_benchmark's task name (the result file's "task")
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         """One batch of the evaluated split; images: tokens [B, 1+P, d]; first: the split-wide index of batch[0]."""
 
     def score(self, split: EncodedSplit) -> Scores | None:
@@ -68,7 +68,7 @@ class Retrieval(Task):
         self.texts = FeatureFile(scratch, f"{ds.name}-{ds.eval_split}-texts")  # [N_txt, L, d] on disk
         self.owners: list[int] = []  # the image of each caption
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         self.owners += [first + i for i, caps in enumerate(batch.captions) for _ in caps]
         self.texts.append(self.encoder.texts([c for caps in batch.captions for c in caps]))
 
@@ -90,7 +90,7 @@ class ZeroShot(Task):
         self.ds, self.encoder, self.recipe, self.scratch = ds, encoder, recipe, scratch
         self.labels: list[int] = []
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         self.labels += batch.labels
 
     def score(self, split: EncodedSplit) -> Scores:
@@ -118,7 +118,7 @@ class ProbeFeatures:
         self.parts: list[Tensor] = []  # [B, d] per batch
         self.labels: list[int] = []
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         if self.how == "pooled":
             self.parts.append(images.pooled)
         else:  # the mean of the real tokens
@@ -146,7 +146,7 @@ class LinearProbe(Task):
         self.ds, self.encoder, self.recipe = ds, encoder, recipe
         self.test = ProbeFeatures(recipe)
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         self.test.observe(batch, images, first)
 
     def _read(self, split: str) -> ProbeFeatures:
@@ -178,7 +178,7 @@ class FineGrainedRetrieval(Task):
         self.encoder, self.recipe = encoder, recipe
         self.by_image, self.by_text = FineGrained(), FineGrained("finegrained_sT")
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         m = self.recipe.model
         for i, meta in enumerate(batch.meta):
             objects = meta.get("objects") or []
@@ -214,7 +214,7 @@ class WordPatchPointing(Task):
         self.centres = alignment.patch_centres(image.image_size // image.patch_size, image.image_size)  # [P, 2]
         self.counter = alignment.Pointing()
 
-    def observe(self, batch: Batch, images: Encoded, first: int) -> None:
+    def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         size, ctx = self.recipe.model.image.image_size, self.encoder.context_length
         for i, meta in enumerate(batch.meta):
             for obj in meta.get("objects") or []:
