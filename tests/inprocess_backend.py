@@ -10,7 +10,6 @@ the runner can be tested without paying for torchrun, DeepSpeed and MLflow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, ClassVar
 
 from filipctl.backends.base import JobHandle, JobRequest
@@ -109,6 +108,3 @@ class InProcessTestBackend:
 
     def describe(self, request: JobRequest) -> str:
         return f"(in-process test job {request.stage.name})"
-
-    def folder_of(self, ref: str) -> Path:
-        return self.jobs[ref].request.run_dir.root

@@ -73,16 +73,6 @@ class Graph:
     variants: dict[str, dict[str, str]]  # variant -> {stage name: key}
     recipes: dict[str, Recipe]
 
-    def dependents(self, key: str) -> list[Node]:
-        """Every node that reads from `key`, directly or through others."""
-        out: list[Node] = []
-        frontier = {key}
-        for node in self.nodes.values():
-            if frontier & set(node.deps.values()):
-                out.append(node)
-                frontier.add(node.key)
-        return out
-
 
 def build_graph(variants: dict[str, Recipe], output_root: Path, code: str | None = None) -> Graph:
     nodes: dict[str, Node] = {}
