@@ -235,6 +235,16 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, gt=0, description="Save a DeepSpeed checkpoint every N steps; a rerun resumes from the latest.")
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
     seed: int = Field(0, description="Seed for model init and data order.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept: the newest N verified ones (older ones are "
+                                  "deleted after each save), plus those pinned in keep_checkpoint_steps.")
+    keep_checkpoint_steps: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list, description="Steps whose checkpoints are never deleted (pinned), e.g. [5000, 10000].")
+    max_restarts: int = Field(2, ge=0, description="Local backend: how often a failed pretraining group is restarted "
+                              "from its last good checkpoint (torchrun --max-restarts); Slurm requeues "
+                              "(cluster.slurm.max_requeues) and Ray restarts (cluster.ray.max_failures) on their own.")
+    collective_timeout_s: float = Field(600.0, gt=0, description="A collective (all-gather, all-reduce, barrier) "
+                                        "waiting longer than this fails the job naming the rank that stopped (a hung "
+                                        "or dead worker).")
 
     @property
     def global_batch(self) -> int:
@@ -311,6 +321,11 @@ class TrackingConfig(Section):
         5.0, gt=0,
         le=3600, description="How long an http(s) tracking server may take to answer before `filipctl run` gives up "
         "(checked before anything is submitted).",
+    )
+    drain_s: float = Field(
+        60.0, ge=0, le=86400, description="At the end of a run, how long the CLI keeps sending tracking records the "
+        "store has not taken yet (a server down, a locked database); what is left waits in the stage folders' "
+        "spools and `filipctl sync` (or `filipctl status`) sends it later. Training never waits for the store.",
     )
 
     @field_validator("uri")

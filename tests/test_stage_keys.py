@@ -142,13 +142,16 @@ def test_every_recipe_key_is_read_by_a_stage_or_named_unread() -> None:
     leaves = [row["key"] for row in schema_rows(Recipe) if row["type"] != "section"]
     uncovered = [k for k in leaves if not any(k == p or k.startswith(p + ".") for p in covers)]
     assert uncovered == []
-    assert not any(r == u or r.startswith(u + ".") or u.startswith(r + ".") for r in read for u in UNREAD)
+    # An unread path may sit below a read section (train.keep_checkpoints), never above or equal to a read one.
+    assert not any(r == u or r.startswith(u + ".") for r in read for u in UNREAD)
 
 
 @pytest.mark.parametrize("override", ["tracking.uri=http://x:5000", "eval.batch_size=7", "name=other",
                                       "output_dir=elsewhere", "description=words", "cluster.name=c",
                                       "train.seed=1", "data.shuffle_buffer=7", "optim.warmup_steps=2",
-                                      "data.synthetic.train_samples=300"])
+                                      "data.synthetic.train_samples=300",
+                                      "train.keep_checkpoints=5", "train.max_restarts=0",
+                                      "train.collective_timeout_s=30"])
 def test_the_fingerprint_changes_exactly_when_the_pretrain_key_does(smoke: Recipe, override: str) -> None:
     """One definition of what determines the trained weights: the fingerprint and the keys agree."""
     other = load_recipe(ROOT / "recipes/smoke.yaml", [override])

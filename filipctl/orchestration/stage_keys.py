@@ -35,7 +35,10 @@ READS: dict[str, tuple[str, ...]] = {
     "eval": ("model", "eval", "name"),  # the name labels the clip_benchmark result files ("model")
 }
 # The recipe values no stage reads: they say where and how stages run and are tracked, not what they compute.
-UNREAD: tuple[str, ...] = ("description", "output_dir", "tracking", "cluster", "ablation")
+# A path below one in READS is taken out of it: changing how many checkpoints are kept must not start the
+# stage over in a new folder.
+UNREAD: tuple[str, ...] = ("description", "output_dir", "tracking", "cluster", "ablation", "train.keep_checkpoints",
+                           "train.keep_checkpoint_steps", "train.max_restarts", "train.collective_timeout_s")
 
 # This repository's packages; any other import is third-party (recorded with the environment, not hashed here).
 LOCAL_PACKAGES: tuple[str, ...] = ("filipctl", "jobs", "models")
@@ -72,6 +75,11 @@ def recipe_reads(recipe: Recipe, stages: Iterable[str]) -> dict[str, Any]:
     paths = {path for stage in stages for path in READS[stage]}
     paths = {p for p in paths if not any(p.startswith(q + ".") for q in paths)}
     d = recipe_to_dict(recipe)
+    for path in UNREAD:  # operational values below a read section
+        parent, _, leaf = path.rpartition(".")
+        section = _value(d, parent) if parent else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     return {path: _value(d, path) for path in sorted(paths)}
 
 
