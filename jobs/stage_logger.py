@@ -1,46 +1,68 @@
-"""Metric logging from workers: rank 0 writes to the stage's MLflow run, every other rank is silent.
+"""What a job logs for its stage's MLflow run, appended to the stage's tracking spool; rank 0 logs, the others not.
 
-Workers log metrics, artifacts and tags only. A run's state (scheduled, running, finished,
-failed, killed) is written on the control side alone, by filipctl.tracking.writer.Tracker.
+The job never talks to MLflow: a server that is down or a database that is locked must cost at
+most late metrics, never a training step. Each call appends one JSON line to the spool the CLI
+named (contract.ENV_SPOOL, `<stage folder>/tracking/spool.jsonl`) with the time it was logged;
+the CLI forwards the lines to the run, with their original steps and times, whenever the store
+answers (filipctl/tracking/spool.py reads this format). `sync()` makes what was appended durable:
+it is called at every checkpoint and at the end.
+
+A run's state (scheduled, running, finished, failed, killed) is written on the control side alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
+from typing import Any
 
-from filipctl.contract import ENV_RUN_ID
+from filipctl.contract import ENV_RUN_ID, ENV_SPOOL
 
 
 class StageLogger:
-    """Logs to the MLflow run the orchestrator named in the environment (contract.ENV_RUN_ID), if any."""
+    """Appends to the spool the launcher named in the environment; silent when none was named (a job run by hand)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.run_id = os.environ.get(ENV_RUN_ID) if enabled else None
-        self._client = None
-        if self.run_id:
-            from mlflow.tracking import MlflowClient
+        spool = os.environ.get(ENV_SPOOL) if enabled else None
+        self.spool = Path(spool) if spool else None
+        self.run_id = os.environ.get(ENV_RUN_ID) if self.spool else None  # the run the CLI forwards the spool to
+        self._file = None
 
-            self._client = MlflowClient()  # the tracking URI comes from the environment too
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.spool is None:
+            return
+        if self._file is None:
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.spool, "a", encoding="utf-8")
+        # One write of one whole line, flushed: a reader never sees half a record, except after a crash mid-write
+        # (the reader skips a last line without its newline).
+        self._file.write(json.dumps({"t": int(time.time() * 1000), **record}, allow_nan=True) + "\n")
+        self._file.flush()
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        if not self._client:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
-
-    def artifact(self, path: str, artifact_path: str | None = None) -> None:
-        if self._client:
-            self._client.log_artifact(self.run_id, path, artifact_path)
-
-    def text(self, text: str, artifact_file: str) -> None:
-        if self._client:
-            self._client.log_text(self.run_id, text, artifact_file)
+        self._append({"op": "metrics", "step": int(step or 0), "values": {k: float(v) for k, v in values.items()}})
 
     def tags(self, values: dict[str, str]) -> None:
-        if self._client:
-            for k, v in values.items():
-                self._client.set_tag(self.run_id, k, v)
+        self._append({"op": "tags", "values": {k: str(v) for k, v in values.items()}})
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Upload `path` (a file the stage keeps, e.g. model.pt) when the spool is forwarded."""
+        self._append({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def text(self, text: str, artifact_file: str) -> None:
+        """A small text artifact: written beside the spool now, uploaded when forwarded."""
+        if self.spool is None:
+            return
+        path = self.spool.parent / "files" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        self.artifact(str(path), None if parent == "." else parent)
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (fsync): called at each checkpoint and at the end."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())

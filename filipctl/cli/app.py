@@ -36,6 +36,7 @@ app.command()(reproduce.reproduce)
 app.command()(reproduce.diff)
 app.command()(follow.logs)
 app.command()(follow.cancel)
+app.command()(follow.sync)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 

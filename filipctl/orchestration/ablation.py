@@ -148,5 +148,6 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
         for name in ("ablation.md", "ablation.json", "ablation.png"):
             (saved / name).write_bytes((folder / name).read_bytes())
     run.tracker.describe(run.top, text)
+    run.flush_tracking()
     return {"rows": flat, "markdown": text, "title": title, "run_id": run.top, "tracking_uri": uri,
             "chart": str(saved / "ablation.png"), "failed": [r.setting for r in rows if r.failed]}

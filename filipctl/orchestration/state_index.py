@@ -107,6 +107,12 @@ class StateStore:
     def children(self, parent: str) -> list[dict[str, Any]]:
         return _rows(self.con.execute("SELECT * FROM runs WHERE parent = ? ORDER BY started", (parent,)))
 
+    def folders(self) -> list[str]:
+        """Every stage folder recorded, newest first (where tracking spools may wait)."""
+        cur = self.con.execute("SELECT folder, MAX(started) AS last FROM stages WHERE folder != '' GROUP BY folder "
+                               "ORDER BY last DESC")
+        return [r[0] for r in cur.fetchall()]
+
     def stages(self, parent: str) -> list[dict[str, Any]]:
         return _rows(self.con.execute("SELECT * FROM stages WHERE parent = ? ORDER BY started", (parent,)))
 

@@ -25,6 +25,7 @@ from filipctl.recipes import recipe_fingerprint, recipe_to_dict
 from filipctl.schema import Recipe
 from filipctl.states import State
 from filipctl.tracking import provenance
+from filipctl.tracking.forwarder import Spool, outboxes, stage_run_of, stage_spool, write_stage_run
 from filipctl.tracking.redact import redact
 from filipctl.tracking.writer import Tracker
 
@@ -38,12 +39,16 @@ class MlflowSink:
         self.variant_runs: dict[str, str] = {}
         self.stage_runs: dict[tuple[str, str], str] = {}  # (variant, node key) -> MLflow run
         self.source_notes: list[str] = []  # what the console should say about the source tree
+        self.resumed: list[str] = []  # stages whose MLflow run of an earlier attempt goes on
 
     # -- the runs, before anything is submitted -------------------------------------------------------
 
     def open(self, recipes: dict[str, Recipe], recipe_path: str, label: str = "", tags: dict[str, str] | None = None,
-             ablation: dict[str, Any] | None = None) -> str:
-        """The runs: a pipeline per variant (under the ablation's parent when there is one), a run per stage -> top."""
+             ablation: dict[str, Any] | None = None, to_run: set[str] | None = None) -> str:
+        """The runs: a pipeline per variant (under the ablation's parent when there is one), a run per stage -> top.
+
+        A stage to run (`to_run`, node keys) whose folder logged to a run of this store before (an attempt that
+        failed, was cancelled or whose CLI died) continues that run: one run per stage, one loss curve."""
         from filipctl.orchestration.stage_keys import code_digest
 
         first = next(iter(recipes.values()))
@@ -76,10 +81,20 @@ class MlflowSink:
                 self.tracker.log_bytes(run, patch, "source.patch")
             for stage_name, key in keys.items():
                 node = self.graph.nodes[key]
-                stage_run = self.tracker.start_stage(run, stage_name, recipe.name, self.backend, node.stage.key_metric,
-                                                     folder=str(node.run_dir.root), stage_key=key)
+                runs_job = to_run is not None and key in to_run and node.variants[0] == variant  # where its job logs
+                earlier = stage_run_of(node.run_dir, self.tracker.uri) if runs_job else ""
+                args = (stage_name, node.stage.key_metric, str(node.run_dir.root), key)
+                if earlier and self.tracker.continue_stage(earlier, run, *args):
+                    stage_run = earlier
+                    self.resumed.append(stage_name)
+                else:
+                    stage_run = self.tracker.start_stage(run, stage_name, recipe.name, self.backend,
+                                                         node.stage.key_metric, folder=str(node.run_dir.root),
+                                                         stage_key=key)
+                    self.tracker.tag(stage_run, TAG_STAGE_KEY, key)
                 self.stage_runs[(variant, key)] = stage_run
-                self.tracker.tag(stage_run, TAG_STAGE_KEY, key)
+                if runs_job:
+                    write_stage_run(node.run_dir, self.tracker.uri, stage_run)
         if git["git_dirty"] == "true":
             self.source_notes.append("the source tree has uncommitted changes (tagged filipctl.git_dirty=true)")
         if left_out:
@@ -87,12 +102,21 @@ class MlflowSink:
                                      f"MB are not in source.patch: {', '.join(left_out[:5])}")
         return self.top
 
+    def spools(self) -> list[Spool]:
+        """What the forwarder sends while the graph runs: the store's outboxes (this command's, and what earlier
+        commands left when the store was down or they were killed), then every stage's spool."""
+        found = (stage_spool(self.graph.nodes[key].run_dir) for (_, key) in self.stage_runs)
+        boxes = {s.path: s for s in outboxes(self.tracker.outbox.path.parent)}
+        boxes[self.tracker.outbox.path] = self.tracker.outbox
+        return [*boxes.values(), *{s.path: s for s in found if s is not None}.values()]
+
     def runs_of(self, node: Node) -> list[str]:
         return [self.stage_runs[(v, node.key)] for v in node.variants]
 
     def job_env(self, node: Node) -> dict[str, str]:
         """Where the stage's job reports: the first variant's run (the others get copies)."""
-        return job_env(self.tracker.uri, self.runs_of(node)[0], node.run_dir.events(node.stage.name))
+        return job_env(self.tracker.uri, self.runs_of(node)[0], node.run_dir.events(node.stage.name),
+                       node.run_dir.spool)
 
     # -- following --------------------------------------------------------------------------------------
 

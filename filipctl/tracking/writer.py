@@ -9,16 +9,25 @@ through `store.open_store`.
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_STAGE,
-                               TAG_VARIANT)
+from filipctl.contract import (TAG_BACKEND, TAG_JOB, TAG_KEY_METRIC, TAG_KIND, TAG_PARENT, TAG_RECIPE, TAG_RESUMES,
+                               TAG_STAGE, TAG_VARIANT)
+from filipctl.tracking import spool
 from filipctl.tracking.redact import flatten, redact
 from filipctl.states import MLFLOW_STATUS, State
 from filipctl.tracking.store import open_store
+
+
+def outbox_folder(uri: str) -> Path:
+    """Where the control side's outboxes wait: beside the state index of the store."""
+    from filipctl.orchestration.state_index import path_for
+
+    return path_for(uri).parent / "filipctl-outbox"
 
 
 class Tracker:
@@ -30,11 +39,17 @@ class Tracker:
         from filipctl.orchestration.state_index import StateStore, path_for
 
         self.uri = uri
+        # MLflow's client retries an unanswering server for about 4 minutes per call; the forwarder retries with
+        # its own back-off instead, so a call gives up soon (a user's own setting wins).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         mlflow.set_tracking_uri(uri)
         self.client = open_store(uri)
         self.experiment = experiment or ""
         self.experiment_id = self._experiment(experiment) if experiment else None
         self.state = StateStore(path_for(uri))  # the index `filipctl status` reads without MLflow
+        # This command's writes, in order, until the store took them (filipctl/tracking/spool.py).
+        self.outbox = spool.Spool(outbox_folder(uri) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -44,7 +59,13 @@ class Tracker:
         if self.uri.startswith("sqlite:///"):
             # Artifacts beside the database, not in whatever folder a later command runs from.
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another command created it a moment ago: use theirs
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start_run(self, name: str, kind: str, recipe: str, backend: str, tags: dict[str, str],
                   description: str = "") -> str:
@@ -61,16 +82,10 @@ class Tracker:
                        recipe_yaml: str, versions: dict[str, str], description: str = "", kind: str = "pipeline") -> str:
         """A run of one recipe's stages (kind "variant" inside an ablation): params, recipe, versions."""
         run_id = self.start_run(name, kind, recipe["name"], backend, tags, description)
-        from mlflow.entities import Param
-
-        params = [Param(k, v[:6000]) for k, v in flatten(redact(recipe)).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=params[i : i + 100])
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "recipe.yaml").write_text(recipe_yaml)
-            (Path(tmp) / "versions.json").write_text(json.dumps(versions, indent=1))
-            self.client.log_artifact(run_id, str(Path(tmp) / "recipe.yaml"))
-            self.client.log_artifact(run_id, str(Path(tmp) / "versions.json"))
+        params = {k: v[:6000] for k, v in flatten(redact(recipe)).items()}
+        self._send({"op": "params", "run": run_id, "values": params})
+        self.log_bytes(run_id, recipe_yaml.encode(), "recipe.yaml")
+        self.log_bytes(run_id, json.dumps(versions, indent=1).encode(), "versions.json")
         return run_id
 
     def start_stage(self, parent_id: str, stage: str, recipe_name: str, backend: str, key_metric: str,
@@ -79,58 +94,85 @@ class Tracker:
             TAG_PARENT: parent_id, TAG_KIND: "stage", TAG_STAGE: stage, TAG_RECIPE: recipe_name,
             TAG_BACKEND: backend, TAG_KEY_METRIC: key_metric,
         })
-        # Queued until its job is seen running.
-        self.client.update_run(run.info.run_id, status="SCHEDULED")
+        self._send({"op": "status", "run": run.info.run_id, "status": "SCHEDULED"})  # queued until seen running
         self.state.add_stage(run.info.run_id, parent_id, stage, key_metric, folder=folder, stage_key=stage_key)
         return run.info.run_id
 
+    def continue_stage(self, run_id: str, parent_id: str, stage: str, key_metric: str, folder: str,
+                       stage_key: str) -> bool:
+        """Resume the stage's MLflow run of an earlier attempt (one run per stage: one loss curve) under the run
+        `parent_id` -> False when that run cannot be continued (gone, or another experiment). Each resume is
+        recorded on the run: filipctl.resumes (how many) and filipctl.resume.K (by which run, when)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - deleted, or another store: a new run instead
+            return False
+        if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
+            return False
+        resumes = int(run.data.tags.get(TAG_RESUMES, "0") or 0) + 1
+        self._send({"op": "tags", "run": run_id, "values": {
+            TAG_PARENT: parent_id, TAG_RESUMES: str(resumes),
+            f"{TAG_RESUMES[:-1]}.{resumes}": f"{parent_id} at {time.strftime('%Y-%m-%d %H:%M:%S')}"}})
+        self._send({"op": "status", "run": run_id, "status": "SCHEDULED"})
+        self.state.add_stage(run_id, parent_id, stage, key_metric, folder=folder, stage_key=stage_key)
+        return True
+
     def tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value)
+        self._send({"op": "tags", "run": run_id, "values": {key: str(value)}})
         if key == TAG_JOB:
             self.state.set_stage(run_id, job_id=value)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+        if metrics:
+            self._send({"op": "metrics", "run": run_id, "step": step,
+                        "values": {k: float(v) for k, v in metrics.items()}})
         self.state.set_metrics(run_id, metrics)
 
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        """Upload a copy of `path` taken now (the file may change or go before the store answers)."""
+        self.log_bytes(run_id, Path(path).read_bytes(), f"{artifact_path}/{Path(path).name}" if artifact_path
+                       else Path(path).name)
 
     def log_dataset(self, run_id: str, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
         """The data a run read, as an MLflow dataset input (the UI's Datasets column): its URL and content digest."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
         scheme = url.split("://", 1)[0] if "://" in url else "local"
-        dataset = Dataset(name=name[:500], digest=digest[:36], source_type=scheme, source=json.dumps({"uri": url}),
-                          profile=json.dumps(profile))
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        self._send({"op": "dataset", "run": run_id, "name": name[:500], "digest": digest[:36], "source_type": scheme,
+                    "source": json.dumps({"uri": url}), "profile": json.dumps(profile), "context": context})
 
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description in the MLflow UI."""
-        self.client.set_tag(run_id, "mlflow.note.content", markdown)
+        self.tag(run_id, "mlflow.note.content", markdown)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
-        """A file artifact whose bytes must arrive unchanged (a patch with CRLF or binary hunks)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(data)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+        """A file artifact whose bytes must arrive unchanged (a patch with CRLF or binary hunks): copied beside the
+        outbox now, uploaded (and the copy deleted) when the store takes it."""
+        folder = self.outbox.path.with_suffix("") / uuid.uuid4().hex[:12]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / Path(artifact_file).name
+        path.write_bytes(data)
+        parent = str(Path(artifact_file).parent)
+        self._send({"op": "artifact", "run": run_id, "path": str(path), "artifact_path": None if parent == "." else parent,
+                    "owned": True})
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         if text:
-            self.client.log_text(run_id, text, artifact_file)
+            self.log_bytes(run_id, text.encode(), artifact_file)
 
     def set_state(self, run_id: str, state: State) -> None:
-        """A run's new state: MLflow shows its view of it (MLFLOW_STATUS), the state index keeps it as it is."""
-        status = MLFLOW_STATUS[state]
-        if state.ended:
-            self.client.set_terminated(run_id, status=status)
-        else:
-            self.client.update_run(run_id, status=status)
+        """A run's new state: the state index keeps it as it is (at once), MLflow shows its view (MLFLOW_STATUS)."""
         self.state.set_state(run_id, state)
+        self._send({"op": "status", "run": run_id, "status": MLFLOW_STATUS[state],
+                    "end": int(time.time() * 1000) if state.ended else None})
+
+    # -- the outbox -------------------------------------------------------------------------------------------
+
+    def _send(self, record: dict[str, Any]) -> None:
+        """Every write after a run is created: appended to this command's outbox, sent by `flush` or the
+        forwarder, so that a store that stops answering stalls nothing and loses nothing."""
+        spool.append(self.outbox.path, record)
+
+    def flush(self, timeout_s: float) -> int:
+        """Send this command's outbox, trying for at most `timeout_s` -> records still waiting (0: all in)."""
+        from filipctl.tracking.forwarder import drain
+
+        return drain([self.outbox], self.client, timeout_s)

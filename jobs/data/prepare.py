@@ -82,6 +82,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     digest = load_index(run_dir)["digest"]
     logger.metrics(metrics)
     logger.tags({TAG_DATA_DIGEST: digest})
+    logger.sync()
     write_result(run_dir, metrics, digests={"data.json": digest})
     emit(f"data: {metrics['train_shards']} training shards, {train_pairs} pairs"
          + (f"; held-out {metrics['eval_pairs']} pairs" if held_out else ""), stage="data")

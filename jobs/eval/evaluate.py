@@ -131,6 +131,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> None:
         for folder in sorted(p for p in maps.glob("*") if p.is_dir()):
             for png in sorted(folder.glob("*.png")):
                 logger.artifact(str(png), f"alignment/{folder.name}")
+        logger.sync()
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
         print(f"{k:<{width}}  {v:.4f}", flush=True)

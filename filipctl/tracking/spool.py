@@ -1,0 +1,229 @@
+"""Tracking spools: append-only files of what was logged, sent to MLflow whenever the store answers.
+
+Two writers, one format. A stage's job appends to its stage folder's spool (jobs/stage_logger.py); the
+stage's MLflow run is named beside it in run.json. The control side (tracking.writer.Tracker) appends
+each command's writes to an outbox of its own beside the state index, every record naming its run.
+A store that is down or locked therefore stalls nothing: records wait, and go in later with the
+steps and times they were logged at (by the running CLI, by `filipctl status` or `filipctl sync`).
+
+One JSON object per line: {"t": ms logged, "op": ..., "run": id (outbox only), ...}
+    metrics   step, values {name: float}         tags, params   values {name: str}
+    artifact  path, artifact_path, owned (delete the file once uploaded: a copy made for the outbox)
+    status    status (MLflow's word), end (ms; set for an ended run)
+    dataset   name, digest, source_type, source, profile, context
+How far each run got is kept in `<spool>.sent.json` ({run: byte offset}); a lock file keeps two
+processes from sending the same records.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from filipctl.contract import write_atomic
+
+# MLflow's limits per log_batch call.
+MAX_METRICS, MAX_TAGS, MAX_PARAMS = 1000, 100, 100
+CHUNK_BYTES = 4 << 20  # read at most this much of a spool per pass
+# MLflow's answers that no retry will change: the record is set aside (dropped file), the rest goes on.
+PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+             "BAD_REQUEST", "PERMISSION_DENIED"}
+
+
+class StoreUnavailable(Exception):
+    """The store did not take a record (down, locked, timing out): try again later."""
+
+
+@dataclass(frozen=True)
+class Spool:
+    path: Path
+    run_id: str = ""  # where records without a "run" go (a stage's run); "" for an outbox
+
+    @property
+    def sent_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".sent.json")
+
+    @property
+    def dropped_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".dropped.jsonl")
+
+    def offset(self) -> int:
+        try:
+            return int(json.loads(self.sent_file.read_text()).get(self.run_id, 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def _set_offset(self, offset: int) -> None:
+        try:
+            sent = json.loads(self.sent_file.read_text())
+        except (OSError, ValueError):
+            sent = {}
+        sent[self.run_id] = offset
+        write_atomic(self.sent_file, json.dumps(sent))
+
+    def pending(self) -> int:
+        """Whole records not yet sent."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset())
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def _records(self, start: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """(offset after the record, record) of the whole lines from `start`; None for a line that does not parse."""
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(CHUNK_BYTES)
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) == CHUNK_BYTES:  # one line longer than a chunk: not from our writers
+                yield start + len(data), None
+            return
+        pos = start
+        for line in data[: end + 1].splitlines(keepends=True):
+            pos += len(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            yield pos, record if isinstance(record, dict) else None
+
+    def send(self, client) -> int:
+        """Send what was not sent yet, in order -> records sent. Raises StoreUnavailable when the store stops
+        answering (what went in is remembered). Returns 0 at once if another process is sending this spool."""
+        if not self.path.is_file():
+            return 0
+        lock = open(self.path.with_name(self.path.name + ".lock"), "a")
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0
+            sent = 0
+            while True:
+                batch = list(self._records(self.offset()))
+                if not batch:
+                    return sent
+                sent += self._send_batch(client, batch)
+        finally:
+            lock.close()
+
+    def _send_batch(self, client, batch: list[tuple[int, dict[str, Any] | None]]) -> int:
+        sent = 0
+        group: list[dict[str, Any]] = []  # consecutive metrics/tags/params of one run: one log_batch
+        group_end = 0
+        for end, record in batch:
+            if record is None:
+                self._drop({"line_ending_at": end}, "not a JSON record")
+                self._set_offset(end)
+                continue
+            record.setdefault("run", self.run_id)
+            if record.get("op") in ("metrics", "tags", "params") and (not group or group[0]["run"] == record["run"]):
+                group.append(record)
+                group_end = end
+                if sum(len(r["values"]) for r in group) < MAX_METRICS:
+                    continue
+                sent += self._apply(client, group, group_end)
+                group = []
+                continue
+            if group:
+                sent += self._apply(client, group, group_end)
+                group = []
+            if record.get("op") in ("metrics", "tags", "params"):  # of another run: starts a group of its own
+                group, group_end = [record], end
+                continue
+            sent += self._apply(client, [record], end)
+        if group:
+            sent += self._apply(client, group, group_end)
+        return sent
+
+    def _apply(self, client, records: list[dict[str, Any]], end: int) -> int:
+        try:
+            _call(client, records)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: a permanent refusal sets the records aside
+            if _is_permanent(exc):
+                for r in records:
+                    self._drop(r, f"{type(exc).__name__}: {exc}"[:500])
+            else:
+                raise StoreUnavailable(_why(exc)) from exc
+        self._set_offset(end)
+        for r in records:
+            if r.get("op") == "artifact" and r.get("owned"):
+                Path(r["path"]).unlink(missing_ok=True)
+        return len(records)
+
+    def _drop(self, record: dict[str, Any], why: str) -> None:
+        with open(self.dropped_file, "a") as f:
+            f.write(json.dumps({"why": why, "record": record}) + "\n")
+
+
+def _is_permanent(exc: Exception) -> bool:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True  # an artifact whose file is gone (a stage folder started over)
+    if isinstance(exc, (KeyError, TypeError, ValueError)) and not hasattr(exc, "error_code"):
+        return True  # a record our writers did not write
+    return getattr(exc, "error_code", "") in PERMANENT
+
+
+def _why(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" + ("..." if len(text) > 160 else "")
+
+
+def _call(client, records: list[dict[str, Any]]) -> None:
+    """One MLflow call for `records`: a batch of metrics/tags/params of one run, or one other record."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    first = records[0]
+    run, op = first["run"], first.get("op")
+    if op in ("metrics", "tags", "params"):
+        metrics = [Metric(k, float(v), int(r["t"]), int(r.get("step", 0)))
+                   for r in records if r["op"] == "metrics" for k, v in r["values"].items()]
+        tags: dict[str, str] = {}
+        params: dict[str, str] = {}
+        for r in records:
+            if r["op"] == "tags":
+                tags.update(r["values"])
+            elif r["op"] == "params":
+                params.update(r["values"])
+        tag_list = [RunTag(k, v) for k, v in tags.items()]
+        param_list = [Param(k, v) for k, v in params.items()]
+        for i in range(0, max(len(tag_list), len(param_list)), MAX_TAGS):  # MAX_TAGS == MAX_PARAMS
+            client.log_batch(run, tags=tag_list[i : i + MAX_TAGS], params=param_list[i : i + MAX_PARAMS])
+        for i in range(0, len(metrics), MAX_METRICS):
+            client.log_batch(run, metrics=metrics[i : i + MAX_METRICS])
+    elif op == "artifact":
+        client.log_artifact(run, first["path"], first.get("artifact_path"))
+    elif op == "status":
+        if first.get("end"):
+            client.set_terminated(run, status=first["status"], end_time=int(first["end"]))
+        else:
+            client.update_run(run, status=first["status"])
+    elif op == "dataset":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=first["name"], digest=first["digest"], source_type=first["source_type"],
+                          source=first["source"], profile=first["profile"])
+        client.log_inputs(run, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", first["context"])])])
+    else:
+        raise ValueError(f"unknown spool record {op!r}")
+
+
+def append(path: Path, record: dict[str, Any]) -> None:
+    """Append one record (the control side's outbox; jobs append through jobs/stage_logger.py)."""
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"t": int(time.time() * 1000), **record}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
