@@ -17,26 +17,21 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
     return subprocess.run([*FILIPCTL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def overrides_in(folder: Path, **changes: object) -> list[str]:
+    """--set arguments for the smoke recipe made smaller still (20 steps), every output under `folder`;
+    `changes` (recipe key -> value) on top."""
+    sets = {"train.steps": 20, "train.checkpoint_every": 10, "train.log_every": 5, "optim.warmup_steps": 5,
+            "data.synthetic.train_samples": 600, "data.synthetic.eval_samples": 100,
+            "data.synthetic.samples_per_shard": 200, "data.train": folder / "data" / "train",
+            "data.eval": folder / "data" / "eval", "output_dir": folder / "runs",
+            "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}", **changes}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
 @pytest.fixture
 def smoke_overrides(tmp_path: Path) -> list[str]:
     """The smoke recipe made smaller still, with every output under tmp_path."""
-    sets = {
-        "train.steps": "20",
-        "train.checkpoint_every": "10",
-        "train.log_every": "5",
-        "optim.warmup_steps": "5",
-        "data.synthetic.train_samples": "600",
-        "data.synthetic.eval_samples": "100",
-        "data.synthetic.samples_per_shard": "200",
-        "data.train": str(tmp_path / "data" / "train"),
-        "data.eval": str(tmp_path / "data" / "eval"),
-        "output_dir": str(tmp_path / "runs"),
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    out: list[str] = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
-    return out
+    return overrides_in(tmp_path)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from filipctl.backends.base import JobHandle, JobRequest
 from filipctl.contract import RunDir, free_port
@@ -53,9 +54,11 @@ class LocalBackend:
         stage = request.stage
         argv = request.command(sys.executable)
         if stage.distributed:
-            # torchrun: one process per worker, rendezvous on a free loopback port.
+            # torchrun: one process per worker, rendezvous on a free loopback port. A failed worker restarts the
+            # whole group (it resumes from its latest checkpoint) up to train.max_restarts times.
             argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stage.processes}",
-                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}", *argv[1:]]
+                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                    f"--max-restarts={stage.max_restarts}", *argv[1:]]
         return argv
 
     def validate(self, request: JobRequest) -> None:
@@ -71,12 +74,14 @@ class LocalBackend:
         log = open(request.log_file, "ab")
         # A new session: Ctrl-C in the terminal reaches the CLI, which cancels the whole group.
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=os.getcwd())
+                                cwd=os.getcwd(), preexec_fn=_stop_with(os.getpid()))
         log.close()
         record = request.run_dir.job_record(request.stage.name)
-        # owner: this process, which records how the job ends; others only read until it is gone.
+        # owner: this process, which records how the job ends; others only read until it is gone. The start times
+        # tell the job and its owner from later processes that got their pids.
         record.write_text(json.dumps({"pid": proc.pid, "log": str(request.log_file), "argv": argv,
-                                      "owner": os.getpid()}))
+                                      "owner": os.getpid(), "pid_started": process_start(proc.pid),
+                                      "owner_started": process_start(os.getpid()), "submitted": time.time()}))
         job_id = str(record)
         self._procs[job_id] = proc
         return JobHandle(self, job_id, str(proc.pid), request.run_dir.root)
@@ -110,11 +115,12 @@ class LocalBackend:
         rec = self._record(job_id)
         if "exit_code" in rec:
             return _state_of(rec["exit_code"], rec.get("cancelled", False))
-        if _alive(rec["pid"]) or _alive(rec.get("owner", 0)):
+        if pid_alive(rec["pid"], rec.get("pid_started")) or pid_alive(rec.get("owner", 0), rec.get("owner_started")):
             return State.RUNNING  # (or just ended: the process that started it is about to record how)
         if rec.get("cancelled"):
             return State.CANCELLED
-        # Gone, and whoever started it did not see it end (that CLI was killed): its result says how it ended.
+        # Gone, and whoever started it did not see it end (that CLI was killed, and the job stopped with it:
+        # _stop_with): its result says how it ended.
         return State.COMPLETED if RunDir(Path(job_id).parent.parent).result.is_file() else State.FAILED
 
     def _ask_to_stop(self, pid: int) -> None:
@@ -128,7 +134,7 @@ class LocalBackend:
         except ProcessLookupError:
             return
         deadline = time.time() + self.stop_grace_s
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and pid_alive(pid):
             time.sleep(0.2)
         try:
             os.killpg(pid, signal.SIGKILL)  # whatever outlived the grace period
@@ -143,9 +149,41 @@ class LocalBackend:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _alive(pid: int) -> bool:
-    """True while the process runs (a zombie, exited but not yet reaped by its parent, is not)."""
+def process_start(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (/proc/PID/stat field 22); None when it is gone or a zombie
+    (exited, not yet reaped by its parent)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """The process runs, and is the one that started at `started` when that was recorded (not a later one that got
+    its pid)."""
+    now = process_start(pid) if pid > 0 else None
+    return now is not None and (started is None or now == started)
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _stop_with(owner: int) -> Callable[[], None] | None:
+    """Popen's preexec_fn: the job gets SIGTERM when the CLI that starts it dies, SIGKILL included.
+
+    A local job has no scheduler but its CLI: orphaned, it would train on unrecorded, in the stage folder the next
+    command takes over. Stopped, it is recorded FAILED (`filipctl status`) and the rerun resumes from its last
+    checkpoint. torchrun passes SIGTERM on to its workers and waits for them. (The signal follows the thread that
+    forked: the runner submits from the main thread.)"""
+    if _libc is None:  # not Linux: no such prctl; Ctrl-C and `filipctl cancel` still stop the group
+        return None
+    prctl = _libc.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != owner:  # the CLI died before the prctl: nobody would send it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec

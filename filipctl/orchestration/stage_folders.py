@@ -41,7 +41,7 @@ def prepare(graph: Graph, nodes: list[Node], fresh: bool) -> None:
     try:
         for node in nodes:
             if fresh and node.run_dir.root.exists():
-                shutil.rmtree(node.run_dir.root)
+                _empty(node.run_dir.root)
             node.run_dir.logs.mkdir(parents=True, exist_ok=True)
             node.run_dir.done.unlink(missing_ok=True)
             write_atomic(node.run_dir.recipe, json.dumps(recipe_to_dict(node.recipe), indent=1))
@@ -55,6 +55,20 @@ def prepare(graph: Graph, nodes: list[Node], fresh: bool) -> None:
     except OSError as exc:
         raise FilipctlError(f"cannot write the run folder under {output_dir}: {exc.strerror or exc}; set output_dir "
                             "to a writable folder") from None
+
+
+def _empty(folder: Path) -> None:
+    """Everything in a stage folder but the lock this command holds on it (stage_lock.py): a new lock file in its
+    place would let a second command lock it too."""
+    from filipctl.orchestration.stage_lock import LOCK_FILE, LEASE_FILE
+
+    for child in folder.iterdir():
+        if child.name in (LOCK_FILE, LEASE_FILE):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def record_done(run_dir: RunDir, key: str, stage: str) -> dict[str, float] | None:

@@ -105,7 +105,8 @@ def job_label(backend: str, ref: str) -> str:
         return ""
 
 
-def _stages(rows: list[Row]) -> list[Row]:
+def stages_of(rows: list[Row]) -> list[Row]:
+    """Every stage row of `rows` (pipelines and ablations' variants)."""
     return [s for r in rows for p in r.get("variants", [r]) for s in p["stages"]]
 
 
@@ -115,7 +116,7 @@ def ask_schedulers(rows: list[Row], backend_for: Callable[[str], Backend] | None
 
     backend_for = backend_for or get_backend
     by_backend: dict[str, list[Row]] = {}
-    for s in _stages(rows):
+    for s in stages_of(rows):
         if s["job_id"] and not State.parse(s["state"]).ended:
             by_backend.setdefault(s["backend"], []).append(s)
     for name, stages in by_backend.items():
@@ -154,6 +155,11 @@ def corrections(rows: list[Row]) -> list[tuple[Row, State]]:
                     and said is not state:
                 fixes.append((s, said))
                 state = said
+            elif not state.ended and not s.get("job_id") and any(a.ended and not a.ok for a in after):
+                # Never submitted, after a stage that did not complete (a pipeline's stages are a chain): nothing
+                # will run it; the command that would have recorded it SKIPPED is gone (killed).
+                fixes.append((s, State.SKIPPED))
+                state = State.SKIPPED
             after.append(state)
         if not State.parse(r["state"]).ended and (final := overall(after)):
             fixes.append((r, final))

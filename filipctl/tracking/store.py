@@ -7,7 +7,10 @@ imported inside the functions so that importing filipctl stays fast.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from filipctl.errors import FilipctlError
 from filipctl.schema import TRACKING_SCHEMES
@@ -119,4 +122,30 @@ def open_store(uri: str):
 
     # "Creating initial MLflow database tables..." on every new store: noise in the run's output.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    with _setup_lock(Path(uri.removeprefix("sqlite:///").split("?", 1)[0])):
+        return MlflowClient(uri)  # sets the store up (tables, migrations) as it is made
+
+
+@contextmanager
+def _setup_lock(db: Path) -> Iterator[None]:
+    """One process at a time sets up a sqlite store: MLflow creates and migrates its tables on first use, and two
+    processes doing that at once fail ("Online migration expected to match one row ... alembic_version", "table
+    ... already exists"). An fcntl lock on a file beside the database; none where that folder is read-only (a
+    store there is not being created)."""
+    import fcntl
+
+    try:
+        fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: as before
+            pass
+        yield
+    finally:
+        os.close(fd)
