@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"  # where the stage's MLflow run lives
 ENV_RUN_ID = "FILIPCTL_MLFLOW_RUN_ID"  # the stage's MLflow run (metrics, artifacts, tags)
 ENV_EVENTS = "FILIPCTL_EVENTS"  # JSON-lines file the CLI tails for progress bars
+ENV_SPOOL = "FILIPCTL_SPOOL"  # the stage's tracking spool: what the job logs, forwarded to MLflow by the CLI
 # What a driver (Ray) forwards to the workers it starts; credentials are never forwarded.
-JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS)
+JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS, ENV_SPOOL)
 
 # -- MLflow tags -------------------------------------------------------------------------------------
 TAG_KIND = "filipctl.kind"  # "pipeline" (a run), "ablation", "variant" (of an ablation) or "stage"
@@ -47,6 +48,7 @@ TAG_STAGE_KEY = "filipctl.stage_key"
 TAG_DATA_DIGEST = "filipctl.data_digest"  # sha256 of the data index: every shard's URL and digest (jobs/data/index.py)
 TAG_PATCH_DIGEST = "filipctl.git_patch_sha256"  # of the uncommitted changes logged as source.patch ("" = none)
 TAG_EVALUATED = "filipctl.evaluated"  # on a `filipctl eval` run: what it evaluated (run id or path)
+TAG_RESUMES = "filipctl.resumes"  # on a stage run: how many later commands continued it (filipctl.resume.K: by which)
 TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) that entered the stage keys
 
 
@@ -119,6 +121,17 @@ class RunDir:
     def slurm(self) -> Path:  # submitit's folder: sbatch scripts, pickles, per-task logs
         return self.root / "slurm"
 
+    @property
+    def tracking(self) -> Path:
+        """The stage's tracking spool and what goes with it (filipctl/tracking/spool.py): the job appends what it
+        logs to `spool.jsonl` (metrics, tags, files to upload), the CLI forwards it to the stage's MLflow run
+        named in `run.json` and keeps how far it got in `sent.json`. Training never waits for MLflow."""
+        return self.root / "tracking"
+
+    @property
+    def spool(self) -> Path:
+        return self.tracking / "spool.jsonl"
+
     def log(self, stage: str) -> Path:
         return self.logs / f"{stage}.log"
 
@@ -127,6 +140,10 @@ class RunDir:
 
     def job_record(self, stage: str) -> Path:  # local/Ray backends: pid, log, exit code
         return self.logs / f"{stage}.job.json"
+
+    @property
+    def errors(self) -> Path:  # one record per failed worker process (write_error_record), cleared at each submit
+        return self.logs / "errors"
 
 
 def file_sha256(path: Path) -> str:
@@ -198,21 +215,121 @@ class JobError(Exception):
     """A job cannot go on for a reason the user can fix: its message is the whole story, no traceback."""
 
 
-def exit_status(body: Callable[[], object]) -> int:
+def exit_status(body: Callable[[], object], run_dir: RunDir | None = None) -> int:
     """Run a process's work -> its exit status: a JobError is one `error: ...` line on stderr (what the CLI quotes
-    of a failed job's log) and status 1, no traceback. Every job module and the Ray driver end through here."""
+    of a failed job's log) and status 1, no traceback. Every job module and the Ray driver end through here.
+
+    With `run_dir`, any exception also leaves an error record in the stage folder (write_error_record), which
+    the CLI prints instead of the launcher's summary; one that is not a JobError still propagates, so its
+    traceback reaches the job log."""
     try:
         body()
     except JobError as exc:
+        if run_dir is not None:
+            write_error_record(run_dir, exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except Exception as exc:
+        if run_dir is not None:
+            write_error_record(run_dir, exc)
+        raise
     return 0
 
 
 def job_main(run: Callable[["Recipe", RunDir], object], argv: list[str] | None, doc: str | None) -> int:
     """The entry point of a job module: parse the command line, read the recipe, run; JobError -> exit 1."""
     run_dir = parse_worker_args(argv, doc)
-    return exit_status(lambda: run(read_recipe(run_dir), run_dir))
+    return exit_status(lambda: run(read_recipe(run_dir), run_dir), run_dir)
+
+
+# -- error records: the cause of a failed job, for the CLI -------------------------------------------
+# A launcher's own summary (torchrun's ChildFailedError box, submitit's FailedJobError) names an exit status,
+# not a cause. Each worker process that fails writes `logs/errors/rank<R>.<pid>.json` in the stage folder every
+# backend shares; the CLI prints the first one of the last attempt. Attempts: torchrun restarts and Slurm
+# requeues keep the folder, so a record says which attempt wrote it.
+ATTEMPT_ENV = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def _named_file(exc: BaseException) -> str:
+    """The file an exception names: an OSError's filename, else the first existing absolute path in its message."""
+    import re
+
+    for name in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
+        if isinstance(name, (str, os.PathLike)) and str(name):
+            return str(name)
+    for candidate in re.findall(r"(/[^\s'\"`,;:()\[\]]+)", str(exc)):
+        if os.path.exists(candidate.rstrip(".")):
+            return candidate.rstrip(".")
+    return ""
+
+
+def _message(exc: BaseException) -> str:
+    """The exception's own words; for one re-raised from a DataLoader worker ("Caught X in DataLoader worker
+    process 0. Original Traceback ..."), the original's last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return last.removeprefix(f"{type(exc).__name__}: ")
+    return text
+
+
+def write_error_record(run_dir: RunDir, exc: BaseException) -> None:
+    """Record why this worker process failed (never raises: the exception itself must still reach the log)."""
+    import json
+    import time
+    import traceback
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    attempt = max(int(os.environ.get(name, "0") or 0) for name in ATTEMPT_ENV)
+    record = {"rank": rank, "attempt": attempt, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+              "type": type(exc).__name__, "message": _message(exc), "file": _named_file(exc),
+              "job_error": isinstance(exc, JobError),
+              # A JobError is the user's to fix and a restart only repeats it, unless the job says otherwise (a rank
+              # that stopped: jobs/train/distributed.py).
+              "restartable": not isinstance(exc, JobError) or bool(getattr(exc, "restartable", False)),
+              "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+    try:
+        run_dir.errors.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir.errors / f"rank{rank}.{os.getpid()}.json", json.dumps(record, indent=1))
+    except (OSError, ValueError):
+        pass
+
+
+def first_error(run_dir: RunDir) -> dict | None:
+    """The error record of the first process to fail in the job's last attempt; None when none left one."""
+    import json
+
+    records = []
+    for path in run_dir.errors.glob("rank*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("time"), (int, float)):
+            records.append(record)
+    if not records:
+        return None
+    last = max(int(r.get("attempt", 0)) for r in records)
+    return min((r for r in records if int(r.get("attempt", 0)) == last), key=lambda r: r["time"])
+
+
+def describe_error(record: dict, with_rank: bool = True) -> str:
+    """An error record as one line: "rank 1: RuntimeError: ... (file ...)"; a JobError's message needs no type."""
+    message = " ".join(str(record.get("message", "")).split())
+    if len(message) > 600:
+        message = message[:600] + " ..."
+    line = message if record.get("job_error") else f"{record.get('type', 'Exception')}: {message}"
+    file = record.get("file") or ""
+    if file and file not in message:
+        line += f" (file {file})"
+    return f"rank {record.get('rank', 0)}: {line}" if with_rank else line
+
+
+def clear_error_records(run_dir: RunDir) -> None:
+    """Before a job is submitted: the records of an earlier run of the stage do not describe this one."""
+    import shutil
+
+    shutil.rmtree(run_dir.errors, ignore_errors=True)
 
 
 # -- ports for a process group's rendezvous ----------------------------------------------------------
@@ -232,9 +349,9 @@ def port_from_job_id(job_id: str) -> int:
     return 20000 + int(job_id) % 12000
 
 
-def job_env(tracking_uri: str, run_id: str, events: Path) -> dict[str, str]:
+def job_env(tracking_uri: str, run_id: str, events: Path, spool: Path) -> dict[str, str]:
     """What the CLI tells a job about where to report."""
-    return {ENV_TRACKING_URI: tracking_uri, ENV_RUN_ID: run_id, ENV_EVENTS: str(events)}
+    return {ENV_TRACKING_URI: tracking_uri, ENV_RUN_ID: run_id, ENV_EVENTS: str(events), ENV_SPOOL: str(spool)}
 
 
 def forwarded_env() -> dict[str, str]:

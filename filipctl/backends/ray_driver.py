@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from filipctl.backends.ray import missing_resources, probe_address
-from filipctl.contract import TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status, forwarded_env, read_recipe
+from filipctl.contract import (TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status, forwarded_env, read_recipe,
+                               write_error_record)
 from filipctl.schema import RayProfile, Recipe
 from filipctl.orchestration.stages import Stage, find_stage
 
@@ -60,7 +61,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the stage's job `run()` with Ray's checkpoint store."""
     os.environ.update(config["env"])
     run_dir = RunDir(Path(config["workdir"]))
-    importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=RayCheckpoints())
+    try:
+        importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=RayCheckpoints())
+    except Exception as exc:  # its cause for the CLI (contract.write_error_record), then Ray's own handling
+        write_error_record(run_dir, exc)
+        raise
 
 
 def _run_task(module: str, argv: list[str], env: dict[str, str]) -> int:
@@ -93,6 +98,11 @@ def storage(profile: RayProfile) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def recipe_timeout(run_dir: RunDir) -> float:
+    """train.collective_timeout_s: Ray Train makes the process group, so it is told the recipe's timeout."""
+    return read_recipe(run_dir).train.collective_timeout_s
+
+
 def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     """A distributed stage as a Ray Train run named after the stage folder, so a rerun finds its checkpoints."""
     import ray
@@ -111,7 +121,8 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
         train_loop_config={"module": stage.module, "workdir": str(run_dir.root), "env": forwarded_env()},
         scaling_config=ScalingConfig(num_workers=profile.workers, use_gpu=profile.use_gpu,
                                      resources_per_worker=dict(profile.resources_per_worker)),
-        torch_config=TorchConfig(backend="nccl" if profile.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if profile.use_gpu else "gloo",
+                                 timeout_s=int(recipe_timeout(run_dir))),
         run_config=RunConfig(name=name, storage_path=storage(profile),
                              failure_config=FailureConfig(max_failures=profile.max_failures)),
     )
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = read_recipe(run_dir)
         run_stage(recipe, find_stage(recipe, args.stage), run_dir)
 
-    return exit_status(drive)
+    return exit_status(drive, run_dir)
 
 
 if __name__ == "__main__":

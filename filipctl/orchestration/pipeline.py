@@ -21,14 +21,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from filipctl.backends import Backend, get_backend
+from filipctl.contract import describe_error, first_error
 from filipctl.errors import FilipctlError, UsageProblem
 from filipctl.orchestration import stage_folders
 from filipctl.orchestration.executor import Executor, Limits, Step
 from filipctl.orchestration.graph import Graph, build_graph
 from filipctl.orchestration.preflight import align_to_cluster, preflight
 from filipctl.orchestration.runner import Runner, Transition
+from filipctl.orchestration.stage_lock import StageLocks, progress as stage_progress
 from filipctl.schema import Recipe
 from filipctl.states import State
+from filipctl.tracking.forwarder import Forwarder, outboxes, remove_sent
+
+
+FOLLOW_POLL_S = 1.0  # how often a command following another's stage looks whether it is free
 
 
 class RunFailed(FilipctlError):
@@ -65,15 +71,20 @@ class GraphRun:
         self.label = label  # in the pipeline run's name: "eval" for `filipctl eval`
         self.tags = tags or {}
         self.force = force
+        self.locks = StageLocks()  # of the stages this command runs (stage_lock.py)
+        self._plan()
+        self.sink = None  # tracking.sink.MlflowSink, once `run` opened the MLflow runs
+        self.top = ""
+
+    def _plan(self) -> None:
+        """What is done (reused) and what to run, from the stage folders as they are now."""
         stages, processes = self.backend.capacity()
         self.executor = Executor({k: Step(k, tuple(n.deps.values()), n.stage.processes) for k, n in self.graph.nodes.items()},
-                                 stage_folders.done_records(self.graph), force=force,
+                                 stage_folders.done_records(self.graph), force=self.force,
                                  native_dependencies=self.backend.native_dependencies,
                                  limits=Limits(stages, processes))
         self.cached = set(self.executor.reusable())
         self.runner = Runner(self.graph, self.backend, self.executor)
-        self.sink = None  # tracking.sink.MlflowSink, once `run` opened the MLflow runs
-        self.top = ""
 
     @property
     def states(self) -> dict[str, State]:
@@ -99,7 +110,38 @@ class GraphRun:
         print_plan(self.console, self.graph, self.backend, self.first.cluster.name, self.cached)
 
     def run(self, uri: str, recipe_path: str, detach: bool, ablation: dict[str, Any] | None = None) -> bool:
-        """Track and execute -> False when detached. Ctrl-C cancels what has not finished."""
+        """Track and execute -> False when detached. Ctrl-C cancels what has not finished.
+
+        Only while holding the locks of the stages to run: a stage that another command runs is followed, not run
+        a second time (`_own_stages`)."""
+        self._own_stages()
+        try:
+            return self._run_owned(uri, recipe_path, detach, ablation)
+        finally:
+            self.locks.release()
+
+    def _own_stages(self) -> None:
+        """Lock the folders of the stages to run before anything is written in them. A stage held by another
+        command, or run by a job whose command is gone, is followed: wait until it is free, then plan again from
+        what it left there (done -> reused, else resumed from its checkpoint)."""
+        told: set[tuple[Path, int]] = set()
+        while True:
+            nodes = {n.run_dir.root: n for n in self.to_run()}
+            busy = self.locks.take({folder: n.stage.name for folder, n in nodes.items()})
+            if not busy:
+                return
+            self.locks.release()  # none held while waiting: two commands never wait for each other
+            for folder, owner in busy.items():
+                if (folder, owner.pid) not in told:
+                    told.add((folder, owner.pid))
+                    stage = nodes[folder].stage.name
+                    now = stage_progress(nodes[folder].run_dir, stage)
+                    self.console.print(f"stage {stage} is being run by {owner.describe()}; following it"
+                                       + (f" (last: {now})" if now else ""), highlight=False, markup=False)
+            time.sleep(FOLLOW_POLL_S)
+            self._plan()
+
+    def _run_owned(self, uri: str, recipe_path: str, detach: bool, ablation: dict[str, Any] | None = None) -> bool:
         from filipctl.reports.progress import ProgressView
         from filipctl.tracking.sink import MlflowSink
         from filipctl.tracking.writer import Tracker
@@ -111,7 +153,8 @@ class GraphRun:
                                f"is {stages} for {len(self.to_run())} stages to run; unset it or do not detach")
         stage_folders.prepare(self.graph, self.to_run(), fresh=self.force)
         self.sink = MlflowSink(Tracker(uri, self.first.tracking.experiment), self.graph, self.backend.name)
-        self.top = self.sink.open(self.recipes, recipe_path, self.label, self.tags, ablation)
+        self.top = self.sink.open(self.recipes, recipe_path, self.label, self.tags, ablation,
+                                  to_run={n.key for n in self.to_run()})
         label = "ablation" if ablation is not None else "run"
         self.console.print(f"{label} [bold]{escape(self.first.name)}[/] on [bold]{self.backend.name}[/]: "
                            f"{len(self.graph.nodes)} stages, {len(self.to_run())} to run  mlflow run {self.top}",
@@ -124,23 +167,49 @@ class GraphRun:
         self.runner.ticks.append(view.tick)
         if self.backend.native_dependencies:  # the whole graph goes to the scheduler at once: say which job is which
             self.runner.subscribers.append(_QueuedLine(self.console, len(self.to_run())))
+        if self.sink.resumed:
+            self.console.print(f"continuing the MLflow run of {', '.join(self.sink.resumed)} (one run per stage)",
+                               highlight=False)
+        # Jobs append to their spools and the sink to its outbox; this thread sends both to MLflow when it answers.
+        forwarder = Forwarder(self.tracker.client, self.sink.spools).start()
         try:
-            with view:
-                followed = self.runner.run(detach)
-        except KeyboardInterrupt:
-            self.sink.close(self.states, self.metrics, interrupted=True)
-            left = [self.graph.nodes[k].stage.name for k, s in self.states.items() if s in (State.CANCELLED, State.SKIPPED)]
-            raise RunFailed(f"interrupted: cancelled {', '.join(left) or 'nothing'}; a rerun resumes from the "
-                              "latest checkpoint and reuses the stages that finished") from None
-        except FilipctlError:
+            try:
+                with view:
+                    followed = self.runner.run(detach)
+            except KeyboardInterrupt:
+                self.sink.close(self.states, self.metrics, interrupted=True)
+                left = [self.graph.nodes[k].stage.name for k, s in self.states.items()
+                        if s in (State.CANCELLED, State.SKIPPED)]
+                raise RunFailed(f"interrupted: cancelled {', '.join(left) or 'nothing'}; a rerun resumes from the "
+                                "latest checkpoint and reuses the stages that finished") from None
+            except FilipctlError:
+                self.sink.close(self.states, self.metrics)
+                raise
+            if not followed:
+                self.console.print(f"detached. Follow with: filipctl status   filipctl logs {self.top[:8]}   "
+                                   f"filipctl cancel {self.top[:8]}", highlight=False)
+                return False
             self.sink.close(self.states, self.metrics)
-            raise
-        if not followed:
-            self.console.print(f"detached. Follow with: filipctl status   filipctl logs {self.top[:8]}   "
-                               f"filipctl cancel {self.top[:8]}", highlight=False)
-            return False
-        self.sink.close(self.states, self.metrics)
-        return True
+            return True
+        finally:
+            self._finish_tracking(forwarder)
+
+    def _finish_tracking(self, forwarder: Forwarder) -> None:
+        """Send what the store has not taken yet, for at most tracking.drain_s; say what is left and how to send it."""
+        self._tell_left(forwarder.stop(self.first.tracking.drain_s), forwarder.last_error)
+
+    def flush_tracking(self) -> None:
+        """After the graph: send what was recorded since (an ablation's table), for at most tracking.drain_s."""
+        self._tell_left(self.tracker.flush(self.first.tracking.drain_s), "")
+
+    def _tell_left(self, left: int, error: str) -> None:
+        if not left:
+            remove_sent(outboxes(self.tracker.outbox.path.parent))
+            return
+        why = f" ({error})" if error else ""
+        self.console.print(f"[yellow]note:[/] the MLflow store has not taken {left} tracking records yet"
+                           f"{escape(why)}; nothing is lost: they wait in the stage folders and "
+                           "`filipctl sync` (or `filipctl status`) sends them", highlight=False, soft_wrap=True)
 
     def failure(self) -> RunFailed | None:
         """The first failed stage, as the one-line story a person reads (with its log's own words)."""
@@ -152,10 +221,17 @@ class GraphRun:
             what = "cancelled" if self.backend.native_dependencies else "not run"
             verb = "failed" if state is State.FAILED else "cancelled"
             handle = self.runner.handles.get(key)
-            log = handle.logs() if handle else ""
             why = self.runner.why.get(key, "")
-            return RunFailed(f"stage {node.stage.name} {verb}{': ' + why if why else ''}; {what}: "
-                               f"{', '.join(dependents) or 'nothing'}. Last lines of its log:\n{_tail(log)}")
+            head = f"stage {node.stage.name} {verb}{': ' + why if why else ''}; {what}: {', '.join(dependents) or 'nothing'}."
+            record = first_error(node.run_dir) if state is State.FAILED else None
+            if record is not None:  # the first failing worker's own exception, not the launcher's summary of it
+                cause = describe_error(record, with_rank=node.stage.distributed)
+                log_file = node.run_dir.log(node.stage.name)
+                where = log_file if log_file.is_file() else node.run_dir.slurm if node.run_dir.slurm.is_dir() else None
+                more = "" if record.get("job_error") or where is None else f" Its traceback is in {where}"
+                return RunFailed(f"{head} Cause: {cause}{more}")
+            log = handle.logs() if handle else ""
+            return RunFailed(f"{head} Last lines of its log:\n{_tail(log)}")
         return None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from filipctl.backends.base import Backend, JobHandle, JobRequest
-from filipctl.contract import read_result
+from filipctl.contract import clear_error_records, read_result
 from filipctl.errors import FilipctlError
 from filipctl.orchestration.executor import Cancel, Decision, Executor, Submit
 from filipctl.orchestration.graph import Graph, Node
@@ -99,6 +99,7 @@ class Runner:
                 node = self.graph.nodes[d.key]
                 node.run_dir.events(node.stage.name).unlink(missing_ok=True)
                 node.run_dir.result.unlink(missing_ok=True)
+                clear_error_records(node.run_dir)  # an earlier run's failures are not this one's
                 request = JobRequest(node.stage, node.run_dir, env=self.env_for(node),
                                      after=tuple(self.handles[k] for k in d.after))
                 self.handles[d.key] = self.backend.submit(request)

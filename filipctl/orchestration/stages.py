@@ -21,13 +21,14 @@ class Stage:
     distributed: bool = False  # True: started as a torch.distributed group of `processes` ranks
     after: tuple[str, ...] = field(default_factory=tuple)  # stages that must succeed first
     key_metric: str = ""  # shown by `filipctl status`
+    max_restarts: int = 0  # a distributed stage on the local backend: torchrun --max-restarts
 
 
 def plan(recipe: Recipe) -> list[Stage]:
     stages = [
         Stage("data", "jobs.data.prepare", key_metric="train_pairs"),
         Stage("pretrain", "jobs.train.pretrain", processes=recipe.train.workers, distributed=True,
-              after=("data",), key_metric="final_loss"),
+              after=("data",), key_metric="final_loss", max_restarts=recipe.train.max_restarts),
     ]
     ev = recipe.eval
     if ev.enabled and ((ev.held_out and recipe.data.eval is not None) or ev.datasets):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from filipctl.contract import free_port
+from filipctl.contract import JobError, free_port
+from jobs.train.heartbeat import Heartbeat, who_stopped
 
 
 @dataclass(frozen=True)
@@ -18,16 +22,18 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool = True  # False when a launcher (Ray Train) created the process group
+    collective_timeout_s: float | None = None  # None: the launcher's (Ray Train's TorchConfig.timeout_s)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(collective_timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by the environment (torchrun-style RANK/WORLD_SIZE/MASTER_*).
 
-    CPU-only machines use gloo and DeepSpeed's CPU accelerator; GPUs use NCCL.
+    CPU-only machines use gloo and DeepSpeed's CPU accelerator; GPUs use NCCL. A collective that waits longer
+    than `collective_timeout_s` (train.collective_timeout_s) raises instead of hanging: see `collectives_named`.
     """
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
@@ -39,8 +45,18 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized() and "RANK" not in os.environ:  # a single process started by hand
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():  # Ray Train joins the group itself before our code runs
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    timeout = timedelta(seconds=collective_timeout_s)
+    if owns_group:  # Ray Train joins the group itself before our code runs, with its own timeout
+        # Groups made later (DeepSpeed's data-parallel groups) take torch's module default, not the world's.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = timeout
+        if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+            c10d.default_pg_nccl_timeout = timeout
+        backend = "nccl" if use_cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _join_torchrun_group(backend, timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)  # (joins torch's group)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -49,7 +65,61 @@ def init_distributed() -> DistInfo:
         # Ranks share the cores: one thread pool each would oversubscribe them.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group,
+                    collective_timeout_s if owns_group else None)
+
+
+def _join_torchrun_group(backend: str, timeout: timedelta) -> None:
+    """The group torchrun started, through its agent's store under a prefix of this attempt.
+
+    After torchrun restarts a failed group (--max-restarts), the agent's store still holds the previous
+    attempt's keys: without a prefix of its own, every process group of the new attempt (DeepSpeed's
+    data-parallel group among them) reads the old ranks' addresses and never connects.
+    """
+    env = os.environ
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    prefix = f"filipctl/{env.get('TORCHELASTIC_RUN_ID', '')}/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=int(env["RANK"]),
+                            world_size=int(env["WORLD_SIZE"]), timeout=timeout)
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """"timeout" or "closed" when `exc` is a collective that failed for want of another rank, else None."""
+    if not isinstance(exc, RuntimeError):  # torch's DistBackendError and gloo's errors are RuntimeErrors
+        return None
+    text = str(exc)
+    if any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "Connection refused",
+                               "connectFullMesh")):
+        return "closed"
+    # gloo: "Timed out waiting 30000ms for recv operation"; NCCL's watchdog: "collective operation timeout".
+    if "Timed out waiting" in text or "operation timeout" in text:
+        return "timeout"
+    return None
+
+
+class RankStopped(JobError):
+    """A collective failed because another rank stopped: a restarted group may well get past it."""
+
+    restartable = True
+
+
+@contextmanager
+def collectives_named(info: DistInfo, heartbeat: Heartbeat) -> Iterator[None]:
+    """A collective that failed because another rank stopped -> RankStopped naming that rank, from the heartbeats."""
+    try:
+        yield
+    except RuntimeError as exc:
+        kind = collective_failure(exc)
+        if kind is None or info.world_size == 1:
+            raise
+        who = who_stopped(heartbeat, info.world_size, wait_s=3.0 if kind == "timeout" else 0.0)
+        if kind == "timeout":
+            limit = (f"after {info.collective_timeout_s:g} s (train.collective_timeout_s)"
+                     if info.collective_timeout_s is not None else "(the launcher's collective timeout)")
+            raise RankStopped(f"a collective timed out {limit} waiting for {who}: a hung or stopped worker process; "
+                           "raise train.collective_timeout_s if a step can legitimately take that long") from exc
+        raise RankStopped(f"the connection to {who} closed in a collective: that worker process exited or was killed "
+                       "(out of memory?); its own error, if it left one, is in the job log") from exc
 
 
 def leave(info: DistInfo) -> None:

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from filipctl.contract import JobError, RunDir, file_sha256, job_main, write_result
+from filipctl.contract import JobError, RunDir, file_sha256, first_error, job_main, write_result
 from filipctl.schema import Recipe
 from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.data.index import load_index
-from jobs.train.distributed import DistInfo, init_distributed, leave
+from jobs.train.distributed import DistInfo, collectives_named, init_distributed, leave
+from jobs.train.heartbeat import Heartbeat
 from jobs.events import emit
 from jobs.data.loader import TrainBatches, sources_of
 from jobs.stage_logger import StageLogger
@@ -54,6 +55,28 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
 def _log(info: DistInfo, msg: str, **fields: Any) -> None:
     if info.is_main:
         emit(msg, stage="pretrain", **fields)
+
+
+def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
+    """When torchrun restarted the group after a failed worker (train.max_restarts): say so in the log, the
+    events and the stage's run (tag filipctl.restarts, metric `restarts` at the step it resumed from)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restarts or not info.is_main:
+        return
+    limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+    _log(info, f"restart {restarts} of {limit}: resuming from step {start}", restart=restarts, resumed_at=start)
+    logger.tags({"filipctl.restarts": str(restarts)})
+    logger.metrics({"restarts": restarts}, step=start)
+
+
+def refuse_pointless_restart(run_dir: RunDir) -> None:
+    """In a group torchrun restarted: when the last attempt failed with the user's error (a JobError), which a
+    restart only repeats, fail with it at once instead of training up to it again."""
+    if not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
+        return
+    previous = first_error(run_dir)
+    if previous is not None and not previous.get("restartable", True):
+        raise JobError(previous["message"])
 
 
 def build_engine(recipe: Recipe, info: DistInfo):
@@ -149,7 +172,7 @@ def save_model(state: dict[str, torch.Tensor], run_dir: RunDir) -> None:
 
 
 def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: TrainBatches, loss_fn: FilipLoss,
-                store: CheckpointStore, start: int, log: TrainLog) -> None:
+                store: CheckpointStore, start: int, log: TrainLog, heartbeat: Heartbeat) -> None:
     """The loop: forward, loss over the global batch, backward, step; log and checkpoint on schedule."""
     steps, dtype = recipe.train.steps, DTYPES[recipe.train.precision]
     engine.train()
@@ -162,17 +185,31 @@ def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: Trai
         engine.step()
         log.add(loss.detach().float().item(), time.perf_counter() - t_step)  # data loading excluded
         done = step + 1
+        heartbeat.beat(done)  # which rank stopped, should a collective time out (heartbeat.py)
         if done % recipe.train.log_every == 0 or done == steps:
             log.flush(done, scheduler.get_last_lr()[0], scale, batches)
         if done % recipe.train.checkpoint_every == 0 or done == steps:
             store.save(engine, done, {"step": done, "loss": log.last_loss}, batches.state())
+            log.logger.sync()  # what was logged up to a checkpoint is as durable as the checkpoint
 
 
 def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -> dict[str, float]:
-    """Pretrain; returns the summary whose metrics rank 0 also writes to the stage folder's result.json."""
-    info = init_distributed()
-    store = store or DirectoryCheckpoints(run_dir.checkpoints)
+    """Pretrain; returns the summary whose metrics rank 0 also writes to the stage folder's result.json.
+
+    A collective that fails because another rank stopped (hung, stopped, killed) ends the job with a JobError
+    naming that rank, from every rank's heartbeat."""
+    refuse_pointless_restart(run_dir)
+    info = init_distributed(recipe.train.collective_timeout_s)
+    heartbeat = Heartbeat(run_dir.logs / "heartbeat", info.rank)
+    heartbeat.beat(0)
+    with collectives_named(info, heartbeat):
+        return pretrain(recipe, run_dir, store, info, heartbeat)
+
+
+def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, info: DistInfo,
+             heartbeat: Heartbeat) -> dict[str, float]:
     cfg = recipe.train
+    store = store or DirectoryCheckpoints(run_dir.checkpoints, cfg.keep_checkpoints, cfg.keep_checkpoint_steps)
     if info.world_size != cfg.workers:
         _log(info, f"note: recipe asks for {cfg.workers} workers, running on {info.world_size}")
     engine, scheduler = build_engine(recipe, info)
@@ -199,9 +236,11 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
     _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {global_batch} "
                f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"{loss_fn.describe()}")
+    record_restart(info, logger, start)
     log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info)
     t_start = time.perf_counter()
-    train_steps(recipe, info, engine, scheduler, batches, loss_fn, store, start, log)
+    heartbeat.beat(start)
+    train_steps(recipe, info, engine, scheduler, batches, loss_fn, store, start, log, heartbeat)
 
     state = final_weights(engine, info)
     result = {"final_loss": log.last_loss, "train_time_s": time.perf_counter() - t_start,
@@ -210,6 +249,7 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
         save_model(state, run_dir)
         logger.metrics({k: v for k, v in result.items() if math.isfinite(v)}, step=cfg.steps)
         logger.artifact(str(run_dir.model), "model")
+        logger.sync()
         write_result(run_dir, {**first, **{k: v for k, v in result.items() if math.isfinite(v)}},
                      digests={"model.pt": file_sha256(run_dir.model)}, skipped=log.skipped)
     leave(info)
