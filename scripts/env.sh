@@ -17,7 +17,8 @@ if [ "${1:-}" = "--relock" ]; then
   echo "constraints.txt rewritten"; exit 0
 fi
 
-stamp="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+# env.sh itself is in the stamp: a change to how the environment is built rebuilds existing ones.
+stamp="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" "$ROOT/scripts/env.sh" | sha256sum | cut -c1-16)"
 if [ -f "$VENV/.filipctl-env" ] && [ "$(cat "$VENV/.filipctl-env")" = "$stamp" ]; then
   exit 0
 fi
@@ -34,8 +35,19 @@ pip_install() {  # pip's chatter goes to the log; its tail is shown only when it
   fi
 }
 pip_install torch torchvision setuptools wheel
-# deepspeed ships as an sdist: build it against the torch above, without its fused CUDA ops.
-DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
+# deepspeed ships as an sdist: build it against the torch above, without its fused CUDA ops, but with the CPU
+# shared-memory collective op prebuilt into site-packages. Otherwise every CPU worker JIT-compiles it at start
+# into ~/.cache/torch_extensions (40 s to 5 minutes with a cold cache; fails with a read-only HOME).
+# DS_ACCELERATOR=cpu: the op is only used by CPU workers, and deepspeed loads a prebuilt op only for the
+# accelerator it was built for. Uninstall first and --no-cache-dir: a deepspeed already installed, or a wheel pip
+# cached from an earlier build without the op, would otherwise be reused as is.
+"$VENV/bin/python" -m pip uninstall -y -q deepspeed >>"$LOG" 2>&1 || true
+DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip_install --no-build-isolation --no-cache-dir deepspeed
+if ! DS_ACCELERATOR=cpu "$VENV/bin/python" -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" >>"$LOG" 2>&1; then
+  tail -30 "$LOG" >&2
+  echo "==> deepspeed was built without its CPU shm op (needs g++ and the Python headers); full log: $LOG" >&2
+  exit 1
+fi
 pip_install --no-build-isolation -e "$ROOT[dev]"
 echo "$stamp" > "$VENV/.filipctl-env"
 echo "==> environment ready: $VENV" >&2

@@ -10,13 +10,12 @@ read-only bucket works and nobody writes a manifest by hand.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 
-from filipctl.contract import JobError, RunDir, file_sha256, write_atomic
-from jobs.data.shards import count_samples, expand_urls, iter_samples
+from filipctl.contract import JobError, RunDir, write_atomic
+from jobs.data.shards import count_samples, expand_urls, iter_samples, shard_digest
 
 if TYPE_CHECKING:
     from filipctl.schema import DataConfig
@@ -100,20 +99,8 @@ def read_classnames(eval_shards: list[str]) -> list[str] | None:
 
 
 def shard_digests(shards: list[str]) -> list[str]:
-    """Each shard's identity: "sha256:HEX" of a local file's bytes, the object store's ETag ("etag:...") for a
-    remote one (reading remote data whole to hash it would cost a download; the ETag changes with the bytes)."""
-    out = []
-    for shard in shards:
-        path = shard.removeprefix("file://")
-        if "://" not in path:
-            out.append("sha256:" + file_sha256(Path(path)))
-            continue
-        fs, remote = fsspec.core.url_to_fs(shard)
-        info = fs.info(remote)
-        tag = info.get("ETag") or info.get("etag") or info.get("md5") or ""
-        when = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
-        out.append(f"etag:{str(tag).strip(chr(34))}" if tag else f"size:{info.get('size')}:modified:{when}")
-    return out
+    """Each shard's identity (shards.shard_digest): what a training reader checks a shard against before reading it."""
+    return [shard_digest(shard) for shard in shards]
 
 
 def data_digest(index: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from jobs.data.shards import caption, image_key, iter_samples, metadata
+from jobs.data.shards import DigestCheck, caption, image_key, iter_samples, metadata
 from models.tokenizer import tokenize
 
 if TYPE_CHECKING:
@@ -67,6 +67,10 @@ class ShardSource:
     weight: float
     shards: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard
+    digests: tuple[str | None, ...] = ()  # per shard as the data stage recorded it; none: not checked
+
+    def digest(self, i: int) -> str | None:
+        return self.digests[i] if i < len(self.digests) else None
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,19 @@ def _buffered_shuffle(samples: Iterator[dict[str, Any]], rng: random.Random, siz
     yield from buf
 
 
-def _shard_samples(url: str, expected: int, owner: bool, problems: Problems) -> Iterator[dict[str, Any]]:
-    """One shard's samples; damage is counted against what its index says it holds (by its owner only)."""
+# One per reader process: a shard is hashed once, not every epoch (shards.DigestCheck).
+_DIGESTS = DigestCheck()
+
+
+def _shard_samples(url: str, expected: int, owner: bool, problems: Problems,
+                   digest: str | None = None) -> Iterator[dict[str, Any]]:
+    """One shard's samples; damage is counted against what its index says it holds (by its owner only). A shard
+    changed since the data stage recorded its digest is skipped whole and counted like a damaged one."""
+    changed = _DIGESTS.changed(url, digest)
+    if changed:
+        if owner:
+            problems.add(f"{changed} ({expected} samples)", max(expected, 1), drawn=False)
+        return
     errors: list[str] = []
     got = 0
     for sample in iter_samples([url], on_error=lambda u, exc: errors.append(f"{u}: {exc}")):
@@ -154,12 +169,13 @@ def epoch_samples(plan: ReaderPlan, src: int, epoch: int, reader: int, problems:
     def samples() -> Iterator[dict[str, Any]]:
         if len(order) >= plan.readers:
             for i in order[reader :: plan.readers]:
-                yield from _shard_samples(source.shards[i], source.counts[i], True, problems)
+                yield from _shard_samples(source.shards[i], source.counts[i], True, problems, source.digest(i))
             return
         # Fewer shards than readers: everyone reads everything and keeps every R-th sample.
         n = 0
         for pos, i in enumerate(order):
-            for sample in _shard_samples(source.shards[i], source.counts[i], pos % plan.readers == reader, problems):
+            for sample in _shard_samples(source.shards[i], source.counts[i], pos % plan.readers == reader, problems,
+                                         source.digest(i)):
                 if n % plan.readers == reader:
                     yield sample
                 n += 1
@@ -290,7 +306,8 @@ class TrainSamples(IterableDataset):
 
 
 def sources_of(index: dict[str, Any]) -> list[ShardSource]:
-    return [ShardSource(s["url"], float(s["weight"]), tuple(s["shards"]), tuple(s["counts"])) for s in index["train"]]
+    return [ShardSource(s["url"], float(s["weight"]), tuple(s["shards"]), tuple(s["counts"]),
+                        tuple(s.get("digests") or ())) for s in index["train"]]
 
 
 class TrainBatches:

@@ -9,19 +9,27 @@ opened with fsspec because webdataset has no s3 opener of its own.
 Reading never raises on damaged data: a shard that cannot be opened, a truncated tar or a
 corrupt header is reported through `on_error(url, exc)` and reading goes on with the next
 shard, after yielding every complete sample that came before the damage.
+
+The data stage records each shard's digest (`shard_digest`); `DigestCheck` compares a shard with it
+before its first sample is read, so a shard changed since is skipped whole rather than noticed after
+its samples were trained on.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import tarfile
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
+
+from filipctl.contract import file_sha256
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 OnError = Callable[[str, Exception], None]
@@ -147,6 +155,71 @@ def iter_samples(urls: str | Iterable[str], *, on_error: OnError) -> Iterator[di
     """
     for url in expand_urls(urls):
         yield from _iter_shard(url, on_error)
+
+
+def _local_path(url: str) -> str | None:
+    path = url.removeprefix("file://")
+    return None if "://" in path else path
+
+
+def shard_digest(url: str) -> str:
+    """A shard's identity: "sha256:HEX" of a local file's bytes, the object store's ETag ("etag:...") for a
+    remote one (reading remote data whole to hash it would cost a download; the ETag changes with the bytes),
+    or "size:N:modified:T" where the store has no ETag."""
+    path = _local_path(url)
+    if path is not None:
+        return "sha256:" + file_sha256(Path(path))
+    fs, remote = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(remote)  # a listing cached in this process would hide a newer object
+    info = fs.info(remote)
+    tag = info.get("ETag") or info.get("etag") or info.get("md5") or ""
+    when = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return f"etag:{str(tag).strip(chr(34))}" if tag else f"size:{info.get('size')}:modified:{when}"
+
+
+def _short(digest: str) -> str:
+    kind, _, value = digest.partition(":")
+    return value[:16] if kind == "sha256" else value
+
+
+class DigestCheck:
+    """Is a shard still the one the data stage indexed? Checked before its first sample is read.
+
+    A local shard is hashed whole before reading (the tar read after it comes from the page cache); hashing
+    while streaming would notice a change only after the shard's samples were trained on. To keep that to
+    one hash per shard and process, a later open (the next epoch) re-hashes only when the file's size or
+    mtime moved. A remote shard costs one metadata request (its ETag), not a second download.
+    """
+
+    def __init__(self) -> None:
+        self._verified: dict[str, tuple[int, int]] = {}  # local path -> (size, mtime_ns) when it last matched
+
+    def changed(self, url: str, recorded: str | None) -> str | None:
+        """None when the shard still has its recorded digest (or none was recorded, or it cannot be reached:
+        reading it then reports that); else the line that names it."""
+        if not recorded:
+            return None
+        path = _local_path(url)
+        try:
+            if path is not None:
+                if not recorded.startswith("sha256:"):
+                    return None  # indexed as remote, read as local: nothing comparable
+                st = os.stat(path)
+                if self._verified.get(path) == (st.st_size, st.st_mtime_ns):
+                    return None
+                now = shard_digest(url)
+                if now == recorded:
+                    self._verified[path] = (st.st_size, st.st_mtime_ns)
+                    return None
+            else:
+                now = shard_digest(url)
+                if now == recorded:
+                    return None
+        except OSError:
+            return None
+        kind = recorded.partition(":")[0]
+        return (f"shard {url} changed since the data stage indexed it ({kind} {_short(now)} != {_short(recorded)}): "
+                "skipped")
 
 
 def image_key(sample: dict[str, Any]) -> str | None:
