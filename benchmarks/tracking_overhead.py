@@ -59,7 +59,7 @@ def trial(stage: Path, tracked: bool, uri: str, run_id: str) -> dict[str, float]
         write_stage_run(run_dir, uri, run_id)
         env.update({ENV_SPOOL: str(run_dir.spool), ENV_RUN_ID: run_id})
         client = open_store(uri)
-        forwarder = Forwarder(client, lambda: [s for s in [stage_spool(run_dir)] if s is not None],
+        forwarder = Forwarder(client, lambda: [s for s in [stage_spool(run_dir, uri)] if s is not None],
                               interval_s=2.0).start()
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.train.pretrain",

@@ -29,17 +29,28 @@ class StageLogger:
         self.spool = Path(spool) if spool else None
         self.run_id = os.environ.get(ENV_RUN_ID) if self.spool else None  # the run the CLI forwards the spool to
         self._file = None
+        self.lost = 0  # records that could not be written
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.spool is None:
             return
-        if self._file is None:
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.spool, "a", encoding="utf-8")
-        # One write of one whole line, flushed: a reader never sees half a record, except after a crash mid-write
-        # (the reader skips a last line without its newline).
-        self._file.write(json.dumps({"t": int(time.time() * 1000), **record}, allow_nan=True) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.spool, "a", encoding="utf-8")
+            # One write of one whole line, flushed: a reader never sees half a record, except after a crash
+            # mid-write (the reader skips a last line without its newline).
+            self._file.write(json.dumps({"t": int(time.time() * 1000), **record}, allow_nan=True) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: OSError) -> None:
+        """A spool that cannot be written (a full disk) costs metrics, never the training: said once, then silent."""
+        self.lost += 1
+        if self.lost == 1:
+            print(f"warning: cannot write the tracking spool {self.spool} ({exc.strerror or exc}); metrics from here "
+                  "on are not tracked", flush=True)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self._append({"op": "metrics", "step": int(step or 0), "values": {k: float(v) for k, v in values.items()}})
@@ -56,13 +67,20 @@ class StageLogger:
         if self.spool is None:
             return
         path = self.spool.parent / "files" / artifact_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            self._lost(exc)
+            return
         parent = str(Path(artifact_file).parent)
         self.artifact(str(path), None if parent == "." else parent)
 
     def sync(self) -> None:
         """Make every record appended so far durable (fsync): called at each checkpoint and at the end."""
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                self._lost(exc)

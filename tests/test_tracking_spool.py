@@ -67,6 +67,46 @@ def test_a_half_written_last_line_waits_and_a_garbled_one_is_set_aside(tmp_path:
     assert sorted(m.step for m in client.get_metric_history(run, "loss")) == [1, 2]
 
 
+def test_a_garbled_line_never_carries_the_records_before_it_past_a_failed_send(tmp_path: Path, store,
+                                                                               monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client, exp = store
+    run = client.create_run(exp).info.run_id
+    path = tmp_path / "spool.jsonl"
+    line = lambda step: json.dumps({"t": 1000 + step, "op": "metrics", "step": step, "values": {"loss": 1.0}})  # noqa: E731
+    path.write_text(line(1) + "\n" + line(2) + "\n" + "{torn\n" + line(3) + "\n")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spool = Spool(path, run)
+    with pytest.raises(StoreUnavailable):
+        spool.send(MlflowClient(f"http://127.0.0.1:{free_port()}"))
+    assert spool.pending() == 4  # nothing counted as sent: steps 1 and 2 did not go in
+    assert spool.send(client) == 3
+    assert sorted(m.step for m in client.get_metric_history(run, "loss")) == [1, 2, 3]
+
+
+def test_one_refused_metric_does_not_cost_the_others_of_its_batch(tmp_path: Path, store, monkeypatch) -> None:
+    client, exp = store
+    run = client.create_run(exp).info.run_id
+    log = _logger(tmp_path / "spool.jsonl", monkeypatch, run)
+    for step in range(1, 6):
+        log.metrics({"loss": 1.0 / step}, step=step)
+    log.metrics({"acc@1 (zero-shot)": 0.5}, step=5)  # a name MLflow refuses
+    spool = Spool(tmp_path / "spool.jsonl", run)
+    assert spool.send(client) == 6 and spool.pending() == 0
+    assert [m.step for m in client.get_metric_history(run, "loss")] == [1, 2, 3, 4, 5]
+    (dropped,) = [json.loads(line) for line in spool.dropped_file.read_text().splitlines()]
+    assert "acc@1 (zero-shot)" in dropped["record"]["values"]
+
+
+def test_each_store_has_its_own_outboxes(tmp_path: Path, monkeypatch) -> None:
+    from filipctl.tracking.writer import outbox_folder
+
+    monkeypatch.chdir(tmp_path)  # a server's index (and outboxes) live in the working folder, as a sqlite store here
+    assert outbox_folder("http://a:5000") != outbox_folder("http://b:5000") != outbox_folder(f"sqlite:///{tmp_path}/x.db")
+    assert outbox_folder("http://a:5000").parent == outbox_folder(f"sqlite:///{tmp_path}/x.db").parent
+
+
 def test_big_batches_are_split_to_mlflows_limits(tmp_path: Path, store, monkeypatch) -> None:
     client, exp = store
     run = client.create_run(exp).info.run_id
@@ -133,11 +173,11 @@ def test_a_spool_sent_to_a_new_run_sends_it_everything(tmp_path: Path, store, mo
     log = _logger(run_dir.spool, monkeypatch)
     log.metrics({"loss": 1.0}, step=1)
     write_stage_run(run_dir, "uri-a", first)
-    assert stage_spool(run_dir).send(client) == 1
+    assert stage_spool(run_dir, "uri-a").send(client) == 1
     log.metrics({"loss": 0.5}, step=2)
     write_stage_run(run_dir, "uri-a", second)
     assert stage_run_of(run_dir, "uri-a") == second and stage_run_of(run_dir, "uri-b") == ""
-    assert stage_spool(run_dir).send(client) == 2
+    assert stage_spool(run_dir, "uri-a").send(client) == 2
     assert [m.step for m in client.get_metric_history(second, "loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(first, "loss")] == [1]
 
@@ -158,6 +198,9 @@ def test_a_resumed_stage_continues_its_run_and_records_the_resume(tmp_path: Path
     assert run.data.tags["filipctl.resumes"] == "1" and run.data.tags["filipctl.resume.1"].startswith(second_parent)
     assert run.info.status == "SCHEDULED"
     assert [s["run_id"] for s in tracker.state.stages(second_parent)] == [stage]
+    # The pipeline it left, whose command died before recording its end, ends now.
+    assert tracker.state.run_state(first_parent) is State.FAILED
+    assert tracker.client.get_run(first_parent).info.status == "FAILED"
     other = Tracker(uri, "another-experiment")
     assert not other.continue_stage(stage, second_parent, "pretrain", "final_loss", "f", "k")
     assert not tracker.continue_stage("0" * 32, second_parent, "pretrain", "final_loss", "f", "k")

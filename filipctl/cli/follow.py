@@ -45,7 +45,7 @@ def status(
         st.record(fixes, tr.Tracker(uri))  # into the index now; into MLflow through the outbox
     note = _send_backlog(uri, store, tracking.timeout_s)
     for s in st.stages_of(rows):
-        s["tracking_behind"] = tracking_backlog.behind(s["folder"])
+        s["tracking_behind"] = tracking_backlog.behind(s["folder"], uri)
     if note:
         consoles.err.print(f"note: {note}", markup=False, highlight=False)
     if as_json:

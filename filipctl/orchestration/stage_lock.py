@@ -218,11 +218,11 @@ class StageLocks:
         self.locks: dict[str, StageLock] = {}  # stage folder -> its lock
 
     def take(self, stages: dict[Path, str]) -> dict[Path, Owner]:
-        """Lock the stage folders (folder -> stage name, in the graph's order) -> {} when every one is ours now,
-        else {folder: its owner} of the first one another owner holds; the caller runs nothing then (it releases
-        what it took, and follows). Stopping at the first: two commands taking the same stages in the same order
-        do not each end up with a part of them."""
-        for folder, stage in stages.items():
+        """Lock the stage folders (folder -> stage name) -> {} when every one is ours now, else {folder: its owner}
+        of the first one another owner holds; the caller runs nothing then (it releases what it took, and follows).
+        In sorted order and stopping at the first: two commands that want some of the same stages (two ablations
+        listing their variants in another order) never each end up with a part of them."""
+        for folder, stage in sorted(stages.items()):
             lock = self.locks.get(str(folder)) or StageLock(folder)
             holder = None if lock.held else lock.take()
             if holder is not None:

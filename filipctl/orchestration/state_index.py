@@ -107,6 +107,11 @@ class StateStore:
     def children(self, parent: str) -> list[dict[str, Any]]:
         return _rows(self.con.execute("SELECT * FROM runs WHERE parent = ? ORDER BY started", (parent,)))
 
+    def run_state(self, run_id: str) -> State | None:
+        """The recorded state of a run (pipeline, variant, ablation); None when the index does not know it."""
+        row = self.con.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return State.parse(row[0]) if row else None
+
     def folders(self) -> list[str]:
         """Every stage folder recorded, newest first (where tracking spools may wait)."""
         cur = self.con.execute("SELECT folder, MAX(started) AS last FROM stages WHERE folder != '' GROUP BY folder "

@@ -42,13 +42,13 @@ def backlog(uri: str, folders: list[str]) -> Backlog:
 
     found = outboxes(outbox_folder(uri))
     for folder in dict.fromkeys(folders):
-        spool = stage_spool(RunDir(Path(folder))) if folder else None
+        spool = stage_spool(RunDir(Path(folder)), uri) if folder else None
         if spool is not None:
             found.append(spool)
     return Backlog([s for s in found if s.pending()])
 
 
-def behind(folder: str) -> int:
-    """Records of a stage folder's spool not yet in MLflow."""
-    spool = stage_spool(RunDir(Path(folder))) if folder else None
+def behind(folder: str, uri: str) -> int:
+    """Records of a stage folder's spool not yet in the store `uri`."""
+    spool = stage_spool(RunDir(Path(folder)), uri) if folder else None
     return spool.pending() if spool else 0

@@ -19,13 +19,11 @@ from filipctl.tracking.spool import Spool, StoreUnavailable
 BACKOFF_S = (1.0, 60.0)  # first and longest wait after the store did not answer
 
 
-def stage_spool(run_dir: RunDir) -> Spool | None:
-    """A stage folder's spool with the MLflow run it goes to (run.json beside it); None when it has none."""
-    try:
-        run = json.loads((run_dir.tracking / "run.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return Spool(run_dir.spool, run)
+def stage_spool(run_dir: RunDir, uri: str) -> Spool | None:
+    """A stage folder's spool with the run of store `uri` it goes to (run.json beside it); None when it has none
+    there (a stage folder serves every store: its run may be in another one)."""
+    run = stage_run_of(run_dir, uri)
+    return Spool(run_dir.spool, run) if run else None
 
 
 def write_stage_run(run_dir: RunDir, uri: str, run_id: str) -> None:
@@ -50,16 +48,25 @@ def outboxes(folder: Path) -> list[Spool]:
     return [Spool(p) for p in sorted(folder.glob("*.jsonl")) if not p.name.endswith(".dropped.jsonl")]
 
 
+def send_all(spools: list[Spool], client, deadline: float | None = None) -> str:
+    """One pass over the spools in order -> "" or why it stopped (the store did not answer). A spool that cannot be
+    read or written (its folder went, a full disk) is skipped: it costs its own records, not the others'."""
+    for s in spools:
+        try:
+            s.send(client, deadline)
+        except StoreUnavailable as exc:
+            return str(exc)
+        except OSError:
+            continue
+    return ""
+
+
 def drain(spools: list[Spool], client, timeout_s: float) -> int:
     """Send every spool, retrying with back-off for at most `timeout_s` -> records still waiting (0: all sent)."""
     deadline = time.monotonic() + timeout_s
     delay = BACKOFF_S[0]
     while True:
-        try:
-            for s in spools:
-                s.send(client)
-        except StoreUnavailable:
-            pass
+        send_all(spools, client, deadline)
         left = sum(s.pending() for s in spools)
         if not left or time.monotonic() + delay > deadline:
             return left
@@ -110,12 +117,8 @@ class Forwarder:
         wait = self.interval_s
         while not self._stop.is_set():
             try:
-                for s in self.spools():
-                    s.send(self.client)
-                self.last_error, wait = "", self.interval_s
-            except StoreUnavailable as exc:
-                self.last_error = str(exc)
-                wait = min(max(wait * 2, BACKOFF_S[0]), BACKOFF_S[1])
+                self.last_error = send_all(self.spools(), self.client)
+                wait = min(max(wait * 2, BACKOFF_S[0]), BACKOFF_S[1]) if self.last_error else self.interval_s
             except Exception as exc:  # noqa: BLE001 - a bug here must cost tracking, never the run
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 wait = BACKOFF_S[1]

@@ -105,7 +105,7 @@ class MlflowSink:
     def spools(self) -> list[Spool]:
         """What the forwarder sends while the graph runs: the store's outboxes (this command's, and what earlier
         commands left when the store was down or they were killed), then every stage's spool."""
-        found = (stage_spool(self.graph.nodes[key].run_dir) for (_, key) in self.stage_runs)
+        found = (stage_spool(self.graph.nodes[key].run_dir, self.tracker.uri) for (_, key) in self.stage_runs)
         boxes = {s.path: s for s in outboxes(self.tracker.outbox.path.parent)}
         boxes[self.tracker.outbox.path] = self.tracker.outbox
         return [*boxes.values(), *{s.path: s for s in found if s is not None}.values()]

@@ -30,8 +30,9 @@ from filipctl.contract import write_atomic
 MAX_METRICS, MAX_TAGS, MAX_PARAMS = 1000, 100, 100
 CHUNK_BYTES = 4 << 20  # read at most this much of a spool per pass
 # MLflow's answers that no retry will change: the record is set aside (dropped file), the rest goes on.
-PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
-             "BAD_REQUEST", "PERMISSION_DENIED"}
+# Not BAD_REQUEST or PERMISSION_DENIED: MLflow's client names any HTTP 400/403 so, also a proxy's or an expired
+# token's, which say nothing about the record.
+PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE"}
 
 
 class StoreUnavailable(Exception):
@@ -93,9 +94,12 @@ class Spool:
                 record = None
             yield pos, record if isinstance(record, dict) else None
 
-    def send(self, client) -> int:
+    def send(self, client, deadline: float | None = None) -> int:
         """Send what was not sent yet, in order -> records sent. Raises StoreUnavailable when the store stops
-        answering (what went in is remembered). Returns 0 at once if another process is sending this spool."""
+        answering (what went in is remembered). Returns 0 at once if another process is sending this spool;
+        stops between batches once `deadline` (time.monotonic()) has passed."""
+        import time
+
         if not self.path.is_file():
             return 0
         lock = open(self.path.with_name(self.path.name + ".lock"), "a")
@@ -105,55 +109,55 @@ class Spool:
             except OSError:
                 return 0
             sent = 0
-            while True:
+            while deadline is None or time.monotonic() < deadline:
                 batch = list(self._records(self.offset()))
                 if not batch:
-                    return sent
+                    break
                 sent += self._send_batch(client, batch)
+            return sent
         finally:
             lock.close()
 
     def _send_batch(self, client, batch: list[tuple[int, dict[str, Any] | None]]) -> int:
         sent = 0
-        group: list[dict[str, Any]] = []  # consecutive metrics/tags/params of one run: one log_batch
-        group_end = 0
+        group: list[tuple[int, dict[str, Any]]] = []  # consecutive metrics/tags/params of one run: one log_batch
         for end, record in batch:
-            if record is None:
+            if record is None:  # what came before it goes first: the offset only ever moves past what was handled
+                if group:
+                    sent += self._apply(client, group)
+                    group = []
                 self._drop({"line_ending_at": end}, "not a JSON record")
                 self._set_offset(end)
                 continue
             record.setdefault("run", self.run_id)
-            if record.get("op") in ("metrics", "tags", "params") and (not group or group[0]["run"] == record["run"]):
-                group.append(record)
-                group_end = end
-                if sum(len(r["values"]) for r in group) < MAX_METRICS:
-                    continue
-                sent += self._apply(client, group, group_end)
+            batched = record.get("op") in ("metrics", "tags", "params")
+            if group and (not batched or group[0][1]["run"] != record["run"]):
+                sent += self._apply(client, group)
                 group = []
+            if not batched:
+                sent += self._apply(client, [(end, record)])
                 continue
-            if group:
-                sent += self._apply(client, group, group_end)
+            group.append((end, record))
+            if sum(len(r["values"]) for _, r in group) >= MAX_METRICS:
+                sent += self._apply(client, group)
                 group = []
-            if record.get("op") in ("metrics", "tags", "params"):  # of another run: starts a group of its own
-                group, group_end = [record], end
-                continue
-            sent += self._apply(client, [record], end)
         if group:
-            sent += self._apply(client, group, group_end)
+            sent += self._apply(client, group)
         return sent
 
-    def _apply(self, client, records: list[dict[str, Any]], end: int) -> int:
+    def _apply(self, client, items: list[tuple[int, dict[str, Any]]]) -> int:
+        """Send `items` (offset after each, record) in one call; when the store refuses the call for good, send them
+        one by one so that only the refused ones are set aside."""
+        records = [r for _, r in items]
         try:
             _call(client, records)
-        except StoreUnavailable:
-            raise
         except Exception as exc:  # noqa: BLE001 - classified: a permanent refusal sets the records aside
-            if _is_permanent(exc):
-                for r in records:
-                    self._drop(r, f"{type(exc).__name__}: {exc}"[:500])
-            else:
+            if not _is_permanent(exc):
                 raise StoreUnavailable(_why(exc)) from exc
-        self._set_offset(end)
+            if len(items) > 1:
+                return sum(self._apply(client, [item]) for item in items)
+            self._drop(records[0], f"{type(exc).__name__}: {exc}"[:500])
+        self._set_offset(items[-1][0])
         for r in records:
             if r.get("op") == "artifact" and r.get("owned"):
                 Path(r["path"]).unlink(missing_ok=True)

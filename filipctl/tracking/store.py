@@ -122,6 +122,10 @@ def open_store(uri: str):
 
     # "Creating initial MLflow database tables..." on every new store: noise in the run's output.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # MLflow's client retries an unanswering server for about 4 minutes per call; filipctl's forwarder retries
+    # with its own back-off instead, so a call gives up soon (a user's own setting wins).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
     with _setup_lock(Path(uri.removeprefix("sqlite:///").split("?", 1)[0])):

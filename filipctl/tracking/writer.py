@@ -25,9 +25,12 @@ from filipctl.tracking.store import open_store
 
 def outbox_folder(uri: str) -> Path:
     """Where the control side's outboxes wait: beside the state index of the store."""
+    import hashlib
+
     from filipctl.orchestration.state_index import path_for
 
-    return path_for(uri).parent / "filipctl-outbox"
+    # One folder per store: an outbox names runs of its own store only (stores may share a working folder).
+    return path_for(uri).parent / "filipctl-outbox" / hashlib.sha256(uri.encode()).hexdigest()[:12]
 
 
 class Tracker:
@@ -39,10 +42,6 @@ class Tracker:
         from filipctl.orchestration.state_index import StateStore, path_for
 
         self.uri = uri
-        # MLflow's client retries an unanswering server for about 4 minutes per call; the forwarder retries with
-        # its own back-off instead, so a call gives up soon (a user's own setting wins).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         mlflow.set_tracking_uri(uri)
         self.client = open_store(uri)
         self.experiment = experiment or ""
@@ -109,13 +108,27 @@ class Tracker:
             return False
         if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
             return False
+        left_behind = run.data.tags.get(TAG_PARENT, "")
         resumes = int(run.data.tags.get(TAG_RESUMES, "0") or 0) + 1
         self._send({"op": "tags", "run": run_id, "values": {
             TAG_PARENT: parent_id, TAG_RESUMES: str(resumes),
             f"{TAG_RESUMES[:-1]}.{resumes}": f"{parent_id} at {time.strftime('%Y-%m-%d %H:%M:%S')}"}})
         self._send({"op": "status", "run": run_id, "status": "SCHEDULED"})
         self.state.add_stage(run_id, parent_id, stage, key_metric, folder=folder, stage_key=stage_key)
+        if left_behind and left_behind != parent_id:
+            self._end_left_behind(left_behind)
         return True
+
+    def _end_left_behind(self, pipeline: str) -> None:
+        """The pipeline a continued stage run leaves: if nobody recorded its end (its command was killed), it ended
+        FAILED now, and what it never ran is SKIPPED; otherwise nothing would ever end it."""
+        state = self.state.run_state(pipeline)
+        if state is None or state.ended:
+            return
+        for s in self.state.stages(pipeline):
+            if not State.parse(s["state"]).ended:
+                self.set_state(s["run_id"], State.SKIPPED)
+        self.set_state(pipeline, State.FAILED)
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self._send({"op": "tags", "run": run_id, "values": {key: str(value)}})
