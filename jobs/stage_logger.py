@@ -76,6 +76,23 @@ class StageLogger:
         parent = str(Path(artifact_file).parent)
         self.artifact(str(path), None if parent == "." else parent)
 
+    def last_step(self, metric: str) -> int:
+        """The highest step at which `metric` was logged to this spool so far (by an earlier attempt), 0 if none."""
+        if self.spool is None or not self.spool.is_file():
+            return 0
+        last = 0
+        with open(self.spool, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if f'"{metric}"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("op") == "metrics" and metric in record.get("values", {}):
+                    last = max(last, int(record.get("step", 0)))
+        return last
+
     def sync(self) -> None:
         """Make every record appended so far durable (fsync): called at each checkpoint and at the end."""
         if self._file is not None:

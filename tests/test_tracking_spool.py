@@ -99,6 +99,17 @@ def test_one_refused_metric_does_not_cost_the_others_of_its_batch(tmp_path: Path
     assert "acc@1 (zero-shot)" in dropped["record"]["values"]
 
 
+def test_a_resumed_job_finds_the_last_step_an_earlier_attempt_logged(tmp_path: Path, monkeypatch) -> None:
+    log = _logger(tmp_path / "spool.jsonl", monkeypatch)
+    assert log.last_step("loss") == 0
+    for step in (2, 4, 6):
+        log.metrics({"loss": 1.0, "lr": 0.1}, step=step)
+    log.metrics({"lr": 0.1}, step=8)  # another metric's later step does not count
+    with open(tmp_path / "spool.jsonl", "a") as f:
+        f.write('{"op": "metrics", "step": 99, "values": {"loss"')  # a torn last line does not either
+    assert _logger(tmp_path / "spool.jsonl", monkeypatch).last_step("loss") == 6
+
+
 def test_each_store_has_its_own_outboxes(tmp_path: Path, monkeypatch) -> None:
     from filipctl.tracking.writer import outbox_folder
 

@@ -95,6 +95,14 @@ def sync(
     store = StateStore.open_for(uri)
     waiting = tracking_backlog.backlog(uri, store.folders() if store is not None else [])
     before = waiting.pending
+    if before:  # a store that does not answer at all: one line now, not minutes of retries
+        try:
+            tr.check_store(uri, tracking.timeout_s, must_exist=True)
+        except FilipctlError as exc:
+            raise FilipctlError(f"{before} tracking records wait, but {exc}") from None
+        if not as_json:
+            consoles.err.print(f"sending {before} tracking records to {uri} (for at most {timeout:g} s)",
+                               markup=False, highlight=False)
     left = waiting.send(uri, timeout) if before else 0
     if as_json:
         print(json.dumps({"tracking_uri": uri, "waiting": before, "sent": before - left, "left": left}))

@@ -109,6 +109,9 @@ class TrainLog:
     step_times: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
     skipped: int = 0  # samples skipped over every rank, as of the last log line
+    # A resumed attempt does not log again the steps an earlier one logged (the stage's run keeps one value per
+    # step: one loss curve); its progress lines still show them.
+    logged_until: int = 0
 
     def add(self, loss: float, step_time: float) -> None:
         self.window.append(loss)
@@ -130,8 +133,9 @@ class TrainLog:
                            f"than data.max_bad_fraction {self.max_bad_fraction:g}); the log names them")
         dt = (time.perf_counter() - self.t_window) / len(self.window)
         temp = 1.0 / float(scale.detach().float())
-        self.logger.metrics({"loss": self.last_loss, "lr": lr, "temperature": temp, "step_time_s": dt,
-                             "pairs_per_s": self.global_batch / dt, "skipped_samples": skipped}, step=done)
+        if done > self.logged_until:
+            self.logger.metrics({"loss": self.last_loss, "lr": lr, "temperature": temp, "step_time_s": dt,
+                                 "pairs_per_s": self.global_batch / dt, "skipped_samples": skipped}, step=done)
         eta = dt * (self.steps - done)
         _log(self.info, f"step {done:>6}/{self.steps}  loss {self.last_loss:7.4f}  lr {lr:.2e}  temp {temp:.4f}  "
                         f"{dt:.2f} s/step  eta {int(eta // 60)}m{int(eta % 60):02d}s",
@@ -237,7 +241,8 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
                f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"{loss_fn.describe()}")
     record_restart(info, logger, start)
-    log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info)
+    log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info,
+                   logged_until=logger.last_step("loss") if start else 0)
     t_start = time.perf_counter()
     heartbeat.beat(start)
     train_steps(recipe, info, engine, scheduler, batches, loss_fn, store, start, log, heartbeat)
