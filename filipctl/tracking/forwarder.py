@@ -78,10 +78,12 @@ def _writer_alive(outbox: Spool) -> bool:
     """Whether the command that writes this outbox (its pid ends the name) may still append to it."""
     import os
 
+    from filipctl.backends.local import pid_alive
+
     pid = outbox.path.stem.rpartition("-")[2]
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
-    return Path(f"/proc/{pid}").exists()
+    return pid_alive(int(pid))
 
 
 def remove_sent(spools: list[Spool]) -> None:
