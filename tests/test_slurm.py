@@ -1,7 +1,8 @@
-"""The Slurm backend against the real single-node cluster that scripts/slurm-up.sh brings up.
+"""The Slurm backend against the real two-node cluster that scripts/slurm-up.sh brings up (filip-n1, filip-n2).
 
-No test double: jobs go through submitit and sbatch, states come from sacct, and the
-pretraining job is a real 2-task DeepSpeed group initialised from Slurm's environment.
+No test double: jobs go through submitit and sbatch, states come from sacct, and the pretraining job
+is a real DeepSpeed group of one task on each node (clusters/slurm.yaml), initialised from Slurm's
+environment. A node lost in the middle of it: tests/test_slurm_lost_node.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from filipctl.contract import port_from_job_id
 from tests.conftest import ROOT, longer_overrides, run_cli
-from tests.slurm_util import my_queue, sacct, slurm_cluster, wait_for  # noqa: F401 (slurm_cluster: autouse)
+from tests.slurm_util import hostnames, my_queue, sacct, slurm_cluster, wait_for  # noqa: F401 (slurm_cluster: autouse)
 
 # One worker runs every test of the one test cluster (and conftest.local_run, shared with tests/test_cli.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -47,18 +49,26 @@ def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, local_run: dict) -> No
     # afterok: each stage started only after the one before it ended.
     assert acct["pretrain"]["start"] >= acct["data"]["end"]
     assert acct["eval"]["start"] >= acct["pretrain"]["end"]
-    # The pretraining job was one 2-task distributed group (both ranks logged, rank 0 trained to the end).
+    # The pretraining job was one distributed group of a task on each node (both ranks logged, rank 0 trained to
+    # the end); data and eval one task on one node.
     folder = Path(row["stages"][1]["folder"]) / "slurm"
     assert (folder / f"{ids['pretrain']}_1_log.err").exists()
     assert "step     40/40" in (folder / f"{ids['pretrain']}_0_log.out").read_text()
+    assert hostnames(acct["pretrain"]["nodes"]) == ["filip-n1", "filip-n2"]
+    assert all(len(hostnames(acct[stage]["nodes"])) == 1 for stage in ("data", "eval"))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     pre = client.get_run(row["stages"][1]["run_id"])
     assert pre.data.tags["filipctl.job_id"].startswith(ids["pretrain"] + "@")
+    # Each rank on its own node; the rendezvous on the first node of the allocation (not this login host), at the
+    # job's own port (gloo over the bridge and two jobs at once: tests/test_slurm_backend.py).
+    assert pre.data.tags["filipctl.hosts"] == "filip-n1,filip-n2"
+    assert pre.data.tags["filipctl.rendezvous"] == f"filip-n1:{port_from_job_id(ids['pretrain'])}"
     assert pre.data.metrics["final_loss"] > 0 and "logs" in {a.path for a in client.list_artifacts(pre.info.run_id)}
 
-    # The same recipe as 2 local processes: the same world size and threads, so the same loss curve, bit for bit.
+    # The same recipe as 2 local processes: the same world size and threads (1 per rank: Slurm's cpus_per_task on
+    # the nodes, the machine's 2 cores shared by 2 ranks locally), so the same loss curve, bit for bit.
     from mlflow.tracking import MlflowClient as Client
 
     local_pre = Client(local_run["uri"]).get_run(local_run["pretrain_run"])

@@ -1,4 +1,4 @@
-"""SlurmBackend on its own, against the real cluster of scripts/slurm-up.sh: tiny jobs, real sbatch and sacct.
+"""SlurmBackend on its own, against the real two-node cluster of scripts/slurm-up.sh: tiny jobs, real sbatch, sacct.
 
 The sacct calls are counted by a recording `sacct` first on PATH (tests/slurm_util.recording_sacct),
 not mocked: what is measured is what the scheduler's accounting was asked.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from filipctl.backends.base import JobHandle, JobRequest
 from filipctl.backends.slurm import SlurmBackend
-from filipctl.contract import RunDir
+from filipctl.contract import RunDir, port_from_job_id
 from filipctl.orchestration.stages import Stage
 from filipctl.schema import SlurmProfile
 from filipctl.states import State
@@ -43,6 +44,46 @@ def main(argv):
     return plan["exit"]
 '''
 
+# A distributed stage job: joins the group slurm_task.StageJob describes (gloo), all-reduces, and records where its
+# rank ran, the rendezvous and the addresses it talked to. Every rank of the jobs in plan["started"] is up before the
+# group forms and every rank of them has reduced before it closes: the groups are alive at the same time.
+DIST_JOB = '''
+import json, os, socket, time
+from datetime import timedelta
+from pathlib import Path
+
+
+def main(argv):
+    workdir = Path(argv[argv.index("--workdir") + 1])
+    plan = json.loads((workdir / "plan.json").read_text())
+    rank = int(os.environ["RANK"])
+    (workdir / f"started{rank}").touch()
+    deadline = time.time() + 120  # never outlive a test that died
+
+    def wait(paths):
+        while not all(Path(p).exists() for p in paths):
+            if time.time() > deadline:
+                raise TimeoutError(f"waited 120 s for {paths}")
+            time.sleep(0.1)
+
+    wait(plan["started"])
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total)
+    peers = {c.raddr.ip.removeprefix("::ffff:") for c in psutil.Process().net_connections("tcp") if c.raddr}
+    record = {"host": socket.gethostname(), "rendezvous": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+              "sum": total.item(), "peers": sorted(peers)}
+    (workdir / f"rank{rank}.tmp").write_text(json.dumps(record))
+    (workdir / f"rank{rank}.tmp").rename(workdir / f"rank{rank}.json")
+    wait(plan["reduced"])
+    dist.destroy_process_group()
+    return 0
+'''
+
 
 class Cluster:
     """A SlurmBackend whose jobs run TINY_JOB, and the log of every sacct it calls."""
@@ -51,6 +92,7 @@ class Cluster:
         self.root = tmp_path
         (tmp_path / "mods").mkdir()
         (tmp_path / "mods" / "tinyjob.py").write_text(TINY_JOB)
+        (tmp_path / "mods" / "distjob.py").write_text(DIST_JOB)
         # The job module reaches the node through the profile's setup lines, as a site's own modules would.
         self.profile = SlurmProfile(time_min=5,
                                     setup=[f"export PYTHONPATH={tmp_path / 'mods'}${{PYTHONPATH:+:$PYTHONPATH}}"])
@@ -117,7 +159,7 @@ def test_one_batched_sacct_call_per_interval_backing_off(cluster: Cluster) -> No
     expected = [min(MIN_S * 2**i, MAX_S) for i in range(len(gaps))]
     assert len(gaps) >= 4 and all(e <= g < e + LATE_S for g, e in zip(gaps, expected)), (gaps, expected)
     assert polls > 20 * len(gaps)
-    # afterok: the node has room (8 CPUs, 4 one-CPU jobs), yet Slurm holds the dependent job.
+    # afterok: the nodes have room (8 CPUs each, 4 one-CPU jobs), yet Slurm holds the dependent job.
     reason = subprocess.run(["squeue", "-h", "-o", "%r", "-j", later.label], capture_output=True, text=True).stdout
     assert reason.strip() == "Dependency"
 
@@ -174,3 +216,37 @@ def test_ended_states_and_attach_from_a_fresh_backend(cluster: Cluster) -> None:
     assert fresh.poll(again) == expected and fresh.sacct.calls == 1
     assert again[1].state() == State.FAILED and fresh.sacct.calls == 1  # ended: answered without sacct
     print(f"{cluster.backend.sacct.calls} sacct calls for {len(handles)} jobs, polled every 20 ms until all ended")
+
+
+@pytest.mark.slow
+def test_two_distributed_jobs_at_once_rendezvous_on_their_first_node_each_at_its_own_port(cluster: Cluster) -> None:
+    # Both jobs on both nodes (2 nodes x 1 task each), their groups alive at the same time: a port taken from the
+    # login host or a fixed one would collide, or send a rank to the wrong group.
+    profile = SlurmProfile(nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=5, setup=cluster.profile.setup)
+    backend = SlurmBackend(profile, poll_interval_s=(MIN_S, MAX_S))
+    dirs = [cluster.root / "stages" / name for name in ("dist_a", "dist_b")]
+    plan = {"started": [str(d / f"started{r}") for d in dirs for r in (0, 1)],
+            "reduced": [str(d / f"rank{r}.json") for d in dirs for r in (0, 1)]}
+    handles = []
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "plan.json").write_text(json.dumps(plan))
+        handles.append(backend.submit(JobRequest(Stage(d.name, "distjob", processes=2, distributed=True), RunDir(d))))
+        cluster.submitted.append(handles[-1])
+    states = poll_until(backend, handles, lambda s: all(v.ended for v in s.values()), 240)
+    assert set(states.values()) == {State.COMPLETED}, [h.logs()[-3000:] for h in handles]
+
+    address = {node: socket.gethostbyname(node) for node in ("filip-n1", "filip-n2")}
+    ports = []
+    for handle, d in zip(handles, dirs):
+        ranks = [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["host"] for r in ranks] == ["filip-n1", "filip-n2"]  # one rank per node, in node order
+        assert sacct(handle.label)["nodes"] == "filip-n[1-2]"
+        # The rendezvous is the first node of the job's allocation, at the port of the job's id.
+        rendezvous = f"filip-n1:{port_from_job_id(handle.label)}"
+        assert {r["rendezvous"] for r in ranks} == {rendezvous} and [r["sum"] for r in ranks] == [3.0, 3.0]
+        ports.append(rendezvous)
+        # gloo ran over the bridge: each rank talked to the other node's address (the only way between the nodes).
+        assert address["filip-n2"] in ranks[0]["peers"] and address["filip-n1"] in ranks[1]["peers"], ranks
+    assert ports[0] != ports[1]
+    print(f"two 2-node jobs at once: rendezvous {ports[0]} and {ports[1]}; gloo between {sorted(address.values())}")

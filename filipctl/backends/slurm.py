@@ -39,6 +39,16 @@ _STATES = {
 }
 
 
+def _down_nodes(nodes: str) -> str:
+    """Which of `nodes` (a Slurm node list) are down or not responding, by sinfo; all of them if it cannot tell."""
+    try:
+        res = subprocess.run(["sinfo", "--noheader", "--dead", "--Node", "--format=%N", "--nodes=" + nodes],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return nodes
+    return ",".join(sorted(set(res.stdout.split()))) or nodes
+
+
 def _parse_ref(ref: str) -> tuple[str, Path]:
     """(Slurm job id, submitit folder) of a ref "<slurm id>@<submitit folder>": the one place that reads refs."""
     slurm_id, at, folder = ref.partition("@")
@@ -56,6 +66,9 @@ class SacctWatcher:
     job came in. submitit's SlurmInfoWatcher batches the same way, but paces its calls by the time
     since the last submission (never under 2 s) and takes TIMEOUT, SUSPENDED or CONFIGURING for
     final, which a requeued or resumed job is not: hence this small equivalent.
+
+    NODE_FAIL is what sacct says of a job that lost a node until its next start, also when Slurm requeued it
+    (filipctl submits with --requeue): squeue tells which it is, for the few jobs that read NODE_FAIL.
     """
 
     def __init__(self, min_s: float = 0.5, max_s: float = 10.0) -> None:
@@ -65,6 +78,7 @@ class SacctWatcher:
         self._states: dict[str, State] = {}  # what the last calls said, by Slurm id
         self._asked: set[str] = set()  # ids some call included: the others force the next call
         self._next_call = 0.0  # time.monotonic() from which a poll calls sacct again
+        self._requeued: set[str] = set()  # jobs requeued after a node failure, said once each
         self._lock = threading.Lock()  # handles may be polled from several threads (the executor, Ctrl-C)
 
     def states(self, slurm_ids: list[str]) -> dict[str, State]:
@@ -87,7 +101,7 @@ class SacctWatcher:
         new = [j for j in slurm_ids if j not in self._asked]
         self._asked.update(slurm_ids)
         before = {j: self._states.get(j) for j in slurm_ids}
-        cmd = ["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID,State",
+        cmd = ["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID,State,NodeList",
                "--jobs=" + ",".join(slurm_ids)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -96,10 +110,16 @@ class SacctWatcher:
         except subprocess.TimeoutExpired:
             res = None
         if res is not None and res.returncode == 0:
+            node_failed: dict[str, str] = {}  # id -> the nodes it ran on
             for line in res.stdout.splitlines():
-                slurm_id, _, word = line.partition("|")
+                slurm_id, word, nodes = (line.split("|") + ["", ""])[:3]
                 if slurm_id in before:
                     self._states[slurm_id] = _STATES.get(word.split(" ")[0], State.UNKNOWN)
+                    if word.startswith("NODE_FAIL"):
+                        node_failed[slurm_id] = nodes
+            self._requeued.intersection_update(node_failed)  # started again: a later loss is said again
+            if node_failed:
+                self._node_failed(node_failed)
             for slurm_id in new:
                 # sacct can lag behind a fresh submission: unknown means not started yet.
                 self._states.setdefault(slurm_id, State.QUEUED)
@@ -109,6 +129,25 @@ class SacctWatcher:
         changed = res is not None and res.returncode == 0 and any(self._states.get(j) != s for j, s in before.items())
         self.interval_s = self.min_s if changed else min(self.interval_s * 2, self.max_s)
         self._next_call = time.monotonic() + self.interval_s
+
+    def _node_failed(self, jobs: dict[str, str]) -> None:
+        """Jobs that sacct reads NODE_FAIL: queued again when Slurm requeued them (squeue holds them), else failed.
+        Either way the log names the nodes of the job that are down."""
+        try:
+            res = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T", "--jobs=" + ",".join(jobs)],
+                                 capture_output=True, text=True, timeout=30)
+            queued = dict(ln.split("|", 1) for ln in res.stdout.split())
+        except subprocess.TimeoutExpired:
+            queued = {j: "PENDING" for j in jobs}  # cannot tell yet: not failed on a guess, asked again next poll
+        for slurm_id, nodes in jobs.items():
+            state = _STATES.get(queued.get(slurm_id, "NODE_FAIL"), State.UNKNOWN)
+            self._states[slurm_id] = state
+            if state is State.FAILED:
+                log.warning("Slurm job %s failed: node %s lost (NODE_FAIL)", slurm_id, _down_nodes(nodes))
+            elif slurm_id not in self._requeued:
+                self._requeued.add(slurm_id)
+                log.warning("Slurm job %s lost node %s (NODE_FAIL) and was requeued: it continues from its last "
+                            "checkpoint when the nodes it needs are up", slurm_id, _down_nodes(nodes))
 
 
 class SlurmBackend:
