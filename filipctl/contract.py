@@ -24,6 +24,7 @@ ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"  # where the stage's MLflow run lives
 ENV_RUN_ID = "FILIPCTL_MLFLOW_RUN_ID"  # the stage's MLflow run (metrics, artifacts, tags)
 ENV_EVENTS = "FILIPCTL_EVENTS"  # JSON-lines file the CLI tails for progress bars
 ENV_SPOOL = "FILIPCTL_SPOOL"  # the stage's tracking spool: what the job logs, forwarded to MLflow by the CLI
+ENV_RANK_CPUS = "FILIPCTL_RANK_CPUS"  # CPU cores the launcher reserved for each rank (Ray: resources_per_worker)
 # What a driver (Ray) forwards to the workers it starts; credentials are never forwarded.
 JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS, ENV_SPOOL)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from filipctl.contract import JobError, free_port
+from filipctl.contract import ENV_RANK_CPUS, JobError, free_port
 from jobs.train.heartbeat import Heartbeat, who_stopped
 
 
@@ -62,11 +63,21 @@ def init_distributed(collective_timeout_s: float = 600.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Ranks share the cores: one thread pool each would oversubscribe them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(rank_threads())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group,
                     collective_timeout_s if owns_group else None)
+
+
+def rank_threads() -> int:
+    """CPU threads of this rank: the cores its scheduler reserved for it when it says so (Slurm's --cpus-per-task,
+    Ray Train's resources_per_worker), else this machine's cores shared among the ranks on it. Not the machine's cores
+    alone: a rank alone on its node would then take them all, and its sums differ from those of a rank that shares
+    (one loss curve on every backend takes the same threads per rank)."""
+    reserved = os.environ.get(ENV_RANK_CPUS) or os.environ.get("SLURM_CPUS_PER_TASK")
+    if reserved:
+        return max(1, int(float(reserved)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
 def _join_torchrun_group(backend: str, timeout: timedelta) -> None:
@@ -120,6 +131,23 @@ def collectives_named(info: DistInfo, heartbeat: Heartbeat) -> Iterator[None]:
                            "raise train.collective_timeout_s if a step can legitimately take that long") from exc
         raise RankStopped(f"the connection to {who} closed in a collective: that worker process exited or was killed "
                        "(out of memory?); its own error, if it left one, is in the job log") from exc
+
+
+def rank_hosts(info: DistInfo) -> list[str]:
+    """The host name of every rank, in rank order (a collective: every rank calls it). Recorded with the run, so that
+    a multi-node result says which nodes made it (and a lost node can be named)."""
+    here = socket.gethostname()
+    if info.world_size == 1:
+        return [here]
+    hosts: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(hosts, here)
+    return [str(h) for h in hosts]
+
+
+def rendezvous() -> str:
+    """MASTER_ADDR:MASTER_PORT of the group, as the launcher set them ("" when it set none: Ray Train's own)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"{addr}:{port}" if addr else ""
 
 
 def leave(info: DistInfo) -> None:

@@ -25,7 +25,7 @@ from filipctl.contract import JobError, RunDir, file_sha256, first_error, job_ma
 from filipctl.schema import Recipe
 from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.data.index import load_index
-from jobs.train.distributed import DistInfo, collectives_named, init_distributed, leave
+from jobs.train.distributed import DistInfo, collectives_named, init_distributed, leave, rank_hosts, rendezvous
 from jobs.train.heartbeat import Heartbeat
 from jobs.events import emit
 from jobs.data.loader import TrainBatches, sources_of
@@ -58,13 +58,17 @@ def _log(info: DistInfo, msg: str, **fields: Any) -> None:
 
 
 def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
-    """When torchrun restarted the group after a failed worker (train.max_restarts): say so in the log, the
-    events and the stage's run (tag filipctl.restarts, metric `restarts` at the step it resumed from)."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    """When torchrun restarted the group after a failed worker (train.max_restarts), or Slurm requeued the job (a lost
+    node, a time limit, a preemption): say so in the log, the events and the stage's run (tag filipctl.restarts,
+    metric `restarts` at the step it resumed from). Ray Train's restarts are recorded by its driver (ray_driver)."""
+    torchrun = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    # Slurm counts the requeues of a job in SLURM_RESTART_COUNT.
+    restarts = torchrun or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if not restarts or not info.is_main:
         return
-    limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
-    _log(info, f"restart {restarts} of {limit}: resuming from step {start}", restart=restarts, resumed_at=start)
+    what = (f"restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}" if torchrun
+            else f"Slurm requeue {restarts}")
+    _log(info, f"{what}: resuming from step {start}", restart=restarts, resumed_at=start)
     logger.tags({"filipctl.restarts": str(restarts)})
     logger.metrics({"restarts": restarts}, step=start)
 
@@ -232,7 +236,11 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
     first = {"peak_lr": peak_lr(recipe.optim.base_lr, global_batch), "global_batch": global_batch}
     if info.is_main and not start:
         logger.metrics(first)
+    hosts = rank_hosts(info)
     if info.is_main:  # what a rerun must match to be bitwise identical, besides the recipe and the code
+        # Where it ran: each rank's host (rank order) and the rendezvous, so that a multi-node run shows its nodes.
+        logger.tags({"filipctl.hosts": ",".join(hosts), "filipctl.nodes": str(len(set(hosts))),
+                     "filipctl.rendezvous": rendezvous() or "launcher"})
         logger.tags({"filipctl.world_size": str(info.world_size), "filipctl.torch_threads": str(torch.get_num_threads()),
                      "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
                      "filipctl.device": str(info.device)})
@@ -240,6 +248,9 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
     _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {global_batch} "
                f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"{loss_fn.describe()}")
+    if len(set(hosts)) > 1:
+        _log(info, f"ranks on {len(set(hosts))} nodes: " + ", ".join(f"{r}={h}" for r, h in enumerate(hosts))
+             + f"; rendezvous {rendezvous() or 'by the launcher'}")
     record_restart(info, logger, start)
     log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info,
                    logged_until=logger.last_step("loss") if start else 0)
