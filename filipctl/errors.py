@@ -17,3 +17,10 @@ class UsageProblem(FilipctlError):
     """Options that cannot go together (the parser accepts each alone)."""
 
     exit_code = 2
+
+
+class CannotRun(FilipctlError):
+    """The run could never work where it is sent (a folder the other nodes cannot see, workers the cluster cannot
+    place): refused before anything is queued."""
+
+    exit_code = 2

@@ -13,6 +13,7 @@ from filipctl import tracking
 from filipctl.backends.base import Backend, JobHandle, JobRequest
 from filipctl.errors import FilipctlError
 from filipctl.orchestration.graph import Node
+from filipctl.orchestration.shared_storage import check_shared_storage
 from filipctl.schema import Recipe
 
 
@@ -171,4 +172,6 @@ def preflight(recipe: Recipe, backend: Backend, to_run: list[Node]) -> str:
     # Ask the scheduler first: a request it can never satisfy fails here, with nothing queued or tracked.
     for node in to_run:
         backend.validate(request_for_planning(node, backend))
+    # Several nodes: what one writes, the others must read (checkpoints after a lost node above all).
+    check_shared_storage(recipe, [n.run_dir.checkpoints for n in to_run if n.stage.name == "pretrain"])
     return uri

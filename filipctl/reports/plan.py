@@ -1,4 +1,5 @@
-"""The plan of a graph run for --dry-run: each stage, its key, cached or to run, and what would be submitted."""
+"""The plan of a graph run for --dry-run: each stage, its key, cached or to run, where it would run (nodes,
+placement, rendezvous) and what would be submitted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from rich.console import Console
 from filipctl.backends.base import Backend
 from filipctl.orchestration.graph import Graph
 from filipctl.orchestration.preflight import request_for_planning
+from filipctl.reports.placement import describe_placement
 
 
 def print_plan(console: Console, graph: Graph, backend: Backend, profile: str, cached: set[str]) -> None:
@@ -19,6 +21,8 @@ def print_plan(console: Console, graph: Graph, backend: Backend, profile: str, c
         users = ", ".join(v or "(run)" for v in node.variants)
         console.print(f"\n# {node.stage.name} {node.key}  {state}{after}  [{users}]", highlight=False, markup=False)
         console.print(f"  folder {node.run_dir.root}", highlight=False, markup=False)
+        console.print(f"  runs on {describe_placement(node.recipe, node.stage)}", highlight=False, markup=False,
+                      soft_wrap=True)
         if state == "to run":
             console.print(backend.describe(request_for_planning(node, backend)), highlight=False, markup=False,
                           soft_wrap=True)
