@@ -387,13 +387,21 @@ class RayProfile(Section):
     address: str = Field(
         "local",
         description="local: start a private Ray on this machine; auto: the Ray cluster running here; "
-        "HOST:PORT or ray://HOST:PORT: a remote cluster.",
+        "HOST:PORT or ray://HOST:PORT: a remote cluster, each stage driven from this machine; http://HEAD:8265 (the "
+        "head's Jobs API): the whole graph submitted as one Ray job, run on the cluster (--detach works, this machine "
+        "may go away, independent stages run at once).",
     )
     workers: int = Field(2, gt=0, description="Training workers (one per device).")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves, e.g. {CPU: 8, GPU: 1}."
     )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false = CPU workers (gloo).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers on nodes (Ray Train's ScalingConfig.placement_strategy): PACK as "
+        "few nodes as possible, SPREAD as many, STRICT_PACK all on one node, STRICT_SPREAD each on its own node "
+        "(one worker per node). A placement the cluster's nodes can never hold is refused before anything runs.",
+    )
     storage_path: str = Field(
         "runs/ray",
         description="Where Ray Train keeps checkpoints: a path or s3://bucket/prefix (endpoint and credentials "
@@ -419,6 +427,11 @@ class ClusterConfig(Section):
         "local", description="local: processes on this machine; slurm: jobs through submitit; ray: Ray Train."
     )
     name: str = Field("local", description="The profile's name (shown in MLflow tags and `filipctl status`).")
+    shared_dirs: list[str] = Field(
+        default_factory=list,
+        description="Folders every node of the cluster sees (its cluster file system), for multi-node runs: their "
+        "output_dir, checkpoints and Ray storage must be under one of these, on a network file system (NFS, Lustre, "
+        "GPFS, BeeGFS, CephFS...) or in s3://; anything else is taken for a node's own disk and refused.")
     local: LocalProfile = Field(default_factory=LocalProfile)
     slurm: SlurmProfile = Field(default_factory=SlurmProfile)
     ray: RayProfile = Field(default_factory=RayProfile)

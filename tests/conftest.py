@@ -34,15 +34,21 @@ def smoke_overrides(tmp_path: Path) -> list[str]:
     return overrides_in(tmp_path)
 
 
-@pytest.fixture
-def tiny(tmp_path: Path) -> list[str]:
-    """--set arguments for the ablation tests: tiny step counts and sample sets, every output under tmp_path."""
+def tiny_in(folder: Path, **changes: object) -> list[str]:
+    """--set arguments for the ablation tests: tiny step counts and sample sets, every output under `folder`;
+    `changes` (recipe key -> value) on top."""
     sets = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2, "optim.warmup_steps": 1,
             "data.synthetic.train_samples": 200, "data.synthetic.eval_samples": 40,
-            "data.synthetic.samples_per_shard": 100, "data.train": tmp_path / "data" / "train",
-            "data.eval": tmp_path / "data" / "eval", "output_dir": tmp_path / "runs",
-            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+            "data.synthetic.samples_per_shard": 100, "data.train": folder / "data" / "train",
+            "data.eval": folder / "data" / "eval", "output_dir": folder / "runs",
+            "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}", **changes}
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> list[str]:
+    """tiny_in(tmp_path)."""
+    return tiny_in(tmp_path)
 
 
 def longer_overrides(folder: Path) -> list[str]:

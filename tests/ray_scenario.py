@@ -48,6 +48,28 @@ def train_workers() -> list[int]:
     return sorted(pids)
 
 
+def stop_own_ray() -> None:
+    """Stop the standing cluster this scenario started: its processes by their MARK, never `ray stop`, which stops
+    every Ray on the machine (the two-node test cluster's among them)."""
+    mine = MARK.encode()
+    ancestors = {os.getpid(), os.getppid()}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) not in ancestors:
+            try:
+                if mine in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+
+
 def status_rows(work: Path, env: dict) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "filipctl.cli", "status", "--json"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -77,7 +99,8 @@ def too_many_workers(work: Path, env: dict, argv: list[str], address: str) -> di
     where = work / f"too-many-{len(list(work.glob('too-many-*')))}"
     where.mkdir()
     t0 = time.time()
-    res = subprocess.run([*argv, "--set", f"cluster.ray.address={address}", "--set", "cluster.ray.workers=8"],
+    res = subprocess.run([*argv, "--set", f"cluster.ray.address={address}", "--set", "cluster.ray.workers=8",
+                          "--set", f"cluster.shared_dirs=[{work}]"],
                          cwd=where, env=env, capture_output=True, text=True, timeout=300)
     return {"rc": res.returncode, "stderr": res.stderr, "seconds": time.time() - t0,
             "written": [p.name for p in where.iterdir()]}
@@ -86,7 +109,9 @@ def too_many_workers(work: Path, env: dict, argv: list[str], address: str) -> di
 def cancel_phase(work: Path, env: dict, argv: list[str], address: str) -> dict:
     """A second, long run on the standing cluster: `filipctl cancel` from another process mid-training."""
     long_run = subprocess.Popen([*argv, "--set", "train.steps=5000", "--set", "cluster.ray.storage_path=ray-store",
-                                 "--set", f"cluster.ray.address={address}"],
+                                 "--set", f"cluster.ray.address={address}",
+                                 # a standing cluster may place workers on any node: the folders are declared shared
+                                 "--set", f"cluster.shared_dirs=[{work}]"],
                                 cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while len(train_workers()) < 2 and long_run.poll() is None and time.time() - t0 < 300:
@@ -161,7 +186,7 @@ def main() -> None:
         too_many = [too_many_workers(work, env, argv, head[k]) for k in ("gcs", "client")]
         cancel = cancel_phase(work, env, argv, head["client"])
     finally:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+        stop_own_ray()
     result = {
         "head": head,
         "too_many": too_many,

@@ -62,7 +62,7 @@ def test_ray_end_to_end_worker_killed_resumes_from_s3_checkpoint(ray_result: dic
 @pytest.mark.slow
 def test_standing_cluster_too_small_is_refused_before_anything_is_written(ray_result: dict) -> None:
     for attempt in ray_result["too_many"]:  # by GCS address, then by ray:// (Ray Client)
-        assert attempt["rc"] == 1 and "8 workers" in attempt["stderr"] and "CPU: needs 8, has 2" in attempt["stderr"]
+        assert attempt["rc"] == 2 and "8 workers" in attempt["stderr"] and "CPU: needs 8, has 2" in attempt["stderr"]
         assert "Traceback" not in attempt["stderr"] and attempt["written"] == [], attempt
         assert attempt["seconds"] < 60, attempt
         print(f"too many workers refused in {attempt['seconds']:.1f} s: {attempt['stderr'].strip()}")
@@ -91,7 +91,7 @@ def test_unreachable_cluster_or_too_many_workers_fails_fast(tmp_path: Path, sets
     t0 = time.time()
     res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), "--cluster", "ray", *args, cwd=tmp_path, timeout=120)
     assert time.time() - t0 < 30  # a clear answer, not a hang
-    assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []  # nothing tracked, nothing written
 
 

@@ -1,7 +1,7 @@
 """The Ray driver for one stage: join the Ray cluster, then run the stage there.
 
     python -m filipctl.backends.ray_driver --stage pretrain --workdir DIR
-    python -m filipctl.backends.ray_driver --probe ADDRESS        (print the cluster's resources)
+    python -m filipctl.backends.ray_driver --probe ADDRESS        (print each node's resources)
 
 A distributed stage (pretraining) runs as a Ray Train TorchTrainer: each worker calls the same
 job `run()` as the other backends, with a checkpoint store that reports every DeepSpeed
@@ -22,14 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from filipctl.backends.ray import missing_resources, probe_address
-from filipctl.contract import (TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status, forwarded_env, read_recipe,
-                               write_error_record)
+from filipctl.backends.ray_jobs import is_jobs_address
+from filipctl.contract import (ENV_RANK_CPUS, TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status,
+                               forwarded_env, read_recipe, write_error_record)
 from filipctl.schema import RayProfile, Recipe
 from filipctl.orchestration.stages import Stage, find_stage
 
 
 class RayCheckpoints:
-    """CheckpointStore for Ray Train: every rank saves its shards to a temp dir and reports it."""
+    """CheckpointStore for Ray Train: every rank saves its shards to a temp dir and reports it.
+
+    `restart`: which restart of the worker group this is (FailureConfig; 0 = the first attempt), recorded on the
+    stage's run when it resumes, as torchrun's restarts are (jobs/train/pretrain.py record_restart)."""
+
+    def __init__(self, run_dir: RunDir | None = None, restart: int = 0, max_failures: int = 0) -> None:
+        self.run_dir, self.restart, self.max_failures = run_dir, restart, max_failures
 
     def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
         import ray.train
@@ -37,13 +44,32 @@ class RayCheckpoints:
         from jobs.train.checkpoints import read_data_state
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return 0, "", None
-        with ckpt.as_directory() as d:
-            tag = (Path(d) / "latest").read_text().strip()
-            engine.load_checkpoint(d, tag=tag)
-            data_state = read_data_state(Path(d) / tag, rank)
-        return int(tag.removeprefix("step")), f"ray checkpoint {ckpt.path} ({tag})", data_state
+        start, source, data_state = 0, "", None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                tag = (Path(d) / "latest").read_text().strip()
+                engine.load_checkpoint(d, tag=tag)
+                data_state = read_data_state(Path(d) / tag, rank)
+            start, source = int(tag.removeprefix("step")), f"ray checkpoint {ckpt.path} ({tag})"
+        if self.restart and rank == 0:
+            self._record_restart(start)
+        return start, source, data_state
+
+    def _record_restart(self, start: int) -> None:
+        """The log, the events and the stage's run say that Ray restarted the workers, from which step, and why the
+        attempt before failed (tags filipctl.restarts and filipctl.restart.K, metric `restarts` at that step)."""
+        from jobs.events import emit
+        from jobs.stage_logger import StageLogger
+
+        why = last_failure(self.run_dir) if self.run_dir else None
+        note = f"restart {self.restart} of {self.max_failures} (Ray Train FailureConfig): resuming from step {start}"
+        emit(note + (f"; the attempt before failed: {why}" if why else ""), stage="pretrain", restart=self.restart,
+             resumed_at=start)
+        logger = StageLogger(True)
+        logger.tags({"filipctl.restarts": str(self.restart),
+                     f"filipctl.restart.{self.restart}": f"from step {start}: {why or 'no error recorded'}"[:1000]})
+        logger.metrics({"restarts": self.restart}, step=start)
+        logger.sync()
 
     def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:
         import ray.train
@@ -57,12 +83,43 @@ class RayCheckpoints:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def last_failure(run_dir: RunDir) -> str | None:
+    """The newest error record of the stage's workers, as one line naming the rank that wrote it and its host."""
+    from filipctl.contract import describe_error
+
+    records = []
+    for path in run_dir.errors.glob("rank*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("time"), (int, float))]
+    if not records:
+        return None
+    newest = max(records, key=lambda r: r["time"])
+    return f"{describe_error(newest)} (reported on {newest.get('host', '?')})"
+
+
+def attempt_of(attempts: Path) -> int:
+    """Which attempt of the driver's Ray Train run this worker group is (0 = the first): rank 0 appends a line per
+    attempt to a file the driver emptied when it started the run."""
+    with open(attempts, "a+") as f:
+        f.seek(0)
+        before = len(f.read().splitlines())
+        f.write(f"{os.getpid()}\n")
+    return before
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the stage's job `run()` with Ray's checkpoint store."""
+    import ray.train
+
     os.environ.update(config["env"])
     run_dir = RunDir(Path(config["workdir"]))
+    restart = attempt_of(Path(config["attempts"])) if ray.train.get_context().get_world_rank() == 0 else 0
+    store = RayCheckpoints(run_dir, restart, config["max_failures"])
     try:
-        importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=RayCheckpoints())
+        importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=store)
     except Exception as exc:  # its cause for the CLI (contract.write_error_record), then Ray's own handling
         write_error_record(run_dir, exc)
         raise
@@ -77,13 +134,17 @@ def _run_task(module: str, argv: list[str], env: dict[str, str]) -> int:
 def connect(profile: RayProfile) -> None:
     import ray
 
+    if is_jobs_address(profile.address):  # a stage of a graph run as a Ray job (graph_job.py): join its cluster
+        profile = profile.model_copy(update={"address": "auto"})
     problem = probe_address(profile.address, profile.connect_timeout_s)
     if problem:
         raise JobError(f"Ray address {profile.address}: {problem}")
     kwargs: dict[str, Any] = {"runtime_env": profile.runtime_env or None, "logging_level": "WARNING",
                               "log_to_driver": True}
     if profile.address == "local":
-        ray.init(num_cpus=profile.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # address="local", not None: without an address ray.init joins the last cluster `ray start` wrote down in
+        # /tmp/ray (a standing cluster on this machine) instead of starting the private one.
+        ray.init(address="local", num_cpus=profile.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     else:
         try:
             ray.init(address=profile.address, **kwargs)
@@ -105,22 +166,30 @@ def recipe_timeout(run_dir: RunDir) -> float:
 
 def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     """A distributed stage as a Ray Train run named after the stage folder, so a rerun finds its checkpoints."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    problem = missing_resources(profile, ray.cluster_resources())
+    problem = missing_resources(profile, node_resources())
     if problem:  # Ray would wait for the resources forever: say so now
         raise JobError(problem)
     name = run_dir.root.name  # <stage>-<key> of the stage folder stages/<stage>-<key>/: one Ray Train run per key
     from jobs.stage_logger import StageLogger
 
     StageLogger(True).tags({TAG_RAY_RUN: name, TAG_RAY_STORAGE: profile.storage_path})
+    # Ray Train copies each print() of a worker into its logger as well, which reaches the driver's log beside the
+    # worker's own stdout: every line of the job twice. Its stdout alone (Ray hands it on to the controller, workers).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    attempts = run_dir.logs / "ray-attempts"  # counts the worker groups of this run: Ray restarts them (FailureConfig)
+    attempts.parent.mkdir(parents=True, exist_ok=True)
+    attempts.write_text("")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"module": stage.module, "workdir": str(run_dir.root), "env": forwarded_env()},
+        train_loop_config={"module": stage.module, "workdir": str(run_dir.root),
+                           "env": {**forwarded_env(), ENV_RANK_CPUS: str(profile.resources_per_worker.get("CPU", 1.0))},
+                           "attempts": str(attempts), "max_failures": profile.max_failures},
         scaling_config=ScalingConfig(num_workers=profile.workers, use_gpu=profile.use_gpu,
-                                     resources_per_worker=dict(profile.resources_per_worker)),
+                                     resources_per_worker=dict(profile.resources_per_worker),
+                                     placement_strategy=profile.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if profile.use_gpu else "gloo",
                                  timeout_s=int(recipe_timeout(run_dir))),
         run_config=RunConfig(name=name, storage_path=storage(profile),
@@ -137,6 +206,8 @@ def run_stage(recipe: Recipe, stage: Stage, run_dir: RunDir) -> None:
 
     profile = recipe.cluster.ray
     connect(profile)  # ray.init's SIGTERM handler (`filipctl cancel`) exits through the finally below
+    # Its Ray job id: what owns this stage's actors and placement groups (`ray list placement-groups`).
+    print(f"ray driver of {stage.name}: Ray job {ray.get_runtime_context().get_job_id()}", flush=True)
     try:
         if stage.distributed:
             fit(stage, run_dir, profile)
@@ -150,13 +221,21 @@ def run_stage(recipe: Recipe, stage: Stage, run_dir: RunDir) -> None:
         ray.shutdown()
 
 
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node of the cluster joined (each holds `node:<ip>`, which names it)."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
 def probe(address: str, timeout_s: float) -> None:
-    """Join the cluster at `address` and print its total resources as JSON (the CLI's pre-flight check)."""
+    """Join the cluster at `address` and print each live node's total resources as a JSON list (the CLI's
+    pre-flight check places the workers on them: ray_placement.py)."""
     import ray
 
     connect(RayProfile(address=address, connect_timeout_s=timeout_s))
     try:
-        print(json.dumps(ray.cluster_resources()), flush=True)
+        print(json.dumps(node_resources()), flush=True)
     finally:
         ray.shutdown()
 

@@ -12,6 +12,9 @@ from filipctl.cli import consoles
 from filipctl.cli.options import JsonOpt, RecipeArg, SetOpt, Tracking, load, tracking_options
 from filipctl.errors import FilipctlError, UsageProblem
 
+# Where --detach works: a scheduler that holds the graph while this process is gone.
+DETACH_NEEDS = "--cluster slurm, or a Ray cluster's Jobs API (cluster.ray.address: http://HEAD:8265)"
+
 
 def run(
     recipe: RecipeArg,
@@ -24,7 +27,8 @@ def run(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan and each stage's job (sbatch script on Slurm); submit nothing.")] = False,
     detach: Annotated[bool, typer.Option(
-        "--detach", help="On a scheduler: queue every stage and return (follow with status/logs/cancel).")] = False,
+        "--detach", help="On a scheduler (Slurm, or a Ray cluster's Jobs API address http://HEAD:8265): queue "
+        "every stage and return (follow with status/logs/cancel).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe's stages (data -> pretrain -> eval) and track them in MLflow.
@@ -46,14 +50,21 @@ def run(
     if dry_run:
         pipeline.dry_run(r, console)
         return
-    if detach:
-        from filipctl.backends import get_backend
+    from filipctl.orchestration import graph_job
 
-        if not get_backend(r.cluster.backend, r.cluster).native_dependencies:
-            # Without a scheduler to hold the afterok chain, this process is what starts each next stage.
-            raise UsageProblem(f"--detach needs a scheduler (--cluster slurm): {r.cluster.backend} stages "
-                               "are started one after another by this process")
-    result = pipeline.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
+    if graph_job.applies(r):  # a Ray cluster's Jobs API: the whole graph runs there as one Ray job
+        result = graph_job.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
+        if result is None:
+            return
+    else:
+        if detach:
+            from filipctl.backends import get_backend
+
+            if not get_backend(r.cluster.backend, r.cluster).native_dependencies:
+                # Without a scheduler to hold the afterok chain, this process is what starts each next stage.
+                raise UsageProblem(f"--detach needs a scheduler: {DETACH_NEEDS}; {r.cluster.backend} stages "
+                                   "are started one after another by this process")
+        result = pipeline.run_pipeline(r, recipe, console, fresh=fresh, detach=detach)
     from filipctl import tracking
 
     if as_json:
@@ -85,7 +96,8 @@ def ablate(
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage, even those done before.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the stage graph (each stage, its key, cached or to run); submit nothing.")] = False,
-    detach: Annotated[bool, typer.Option("--detach", help="On a scheduler: queue the whole graph and return.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="On a scheduler (Slurm, or a Ray cluster's Jobs API "
+                                         "address http://HEAD:8265): queue the whole graph and return.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's ablation in one command: the baseline, + each component, + all of them; each trained,
@@ -114,7 +126,12 @@ def ablate(
         raise UsageProblem(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     r = load(path, set_, cluster)
     console = consoles.err if as_json else consoles.out
-    result = ablation.run_ablation(r, path, comps, seed_list, console, force=force, detach=detach, dry_run=dry_run)
+    from filipctl.orchestration import graph_job
+
+    if graph_job.applies(r) and not dry_run:  # a Ray cluster's Jobs API: the whole graph runs there as one Ray job
+        result = graph_job.run_ablation(r, path, comps, seed_list, console, force=force, detach=detach)
+    else:
+        result = ablation.run_ablation(r, path, comps, seed_list, console, force=force, detach=detach, dry_run=dry_run)
     if result is None:
         return
     if as_json:

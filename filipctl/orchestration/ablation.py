@@ -112,8 +112,6 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
     -> {"rows", "markdown", "title", "run_id", "tracking_uri", "chart", "failed"}; None for --dry-run or
     --detach. "rows" in ablation.json's shape (reports.ablation_rows.to_dict), so that --json prints it as is.
     """
-    import tempfile
-
     from filipctl.orchestration.pipeline import GraphRun
 
     run = GraphRun(variants(recipe, components, seeds), console, force=force, backend=backend)
@@ -121,13 +119,28 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
         run.describe()
         return None
     if detach and not run.backend.native_dependencies:
-        raise UsageProblem(f"--detach needs a scheduler (--cluster slurm): {run.backend.name} stages are "
-                           "started one after another by this process")
+        raise UsageProblem(f"--detach needs a scheduler (--cluster slurm, or a Ray cluster's Jobs API address "
+                           f"http://HEAD:8265): {run.backend.name} stages are started one after another by this process")
     uri = run.preflight()
+    if not run.run(uri, recipe_path, detach, ablation=labels(recipe, components, seeds)):
+        return None
+    return record_table(run, recipe, components, seeds)
+
+
+def labels(recipe: Recipe, components: list[str], seeds: list[int]) -> dict[str, Any]:
+    """The ablation's MLflow parent run: its tags and description (the table's title)."""
     title = f"{recipe.name}: ablation of {', '.join(components)}" + (f" over seeds {seeds}" if len(seeds) > 1 else "")
     tags = {"filipctl.components": ",".join(components), "filipctl.seeds": ",".join(map(str, seeds))}
-    if not run.run(uri, recipe_path, detach, ablation={"tags": tags, "description": title}):
-        return None
+    return {"tags": tags, "description": title}
+
+
+def record_table(run, recipe: Recipe, components: list[str], seeds: list[int]) -> dict[str, Any]:
+    """After the graph `run` (a pipeline.GraphRun) ran: the table of its variants, recorded on the ablation's MLflow
+    run and in output_dir/ablations/<run id>/ -> run_ablation's result (here, or in the Ray job that ran the graph)."""
+    import tempfile
+
+    uri = run.tracker.uri
+    title = labels(recipe, components, seeds)["description"]
     outcomes = {}
     for variant, keys in run.graph.variants.items():
         done = all(run.states[k].ok for k in keys.values())

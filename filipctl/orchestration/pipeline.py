@@ -113,14 +113,14 @@ class GraphRun:
         """Track and execute -> False when detached. Ctrl-C cancels what has not finished.
 
         Only while holding the locks of the stages to run: a stage that another command runs is followed, not run
-        a second time (`_own_stages`)."""
-        self._own_stages()
+        a second time (`own_stages`)."""
+        self.own_stages()
         try:
             return self._run_owned(uri, recipe_path, detach, ablation)
         finally:
             self.locks.release()
 
-    def _own_stages(self) -> None:
+    def own_stages(self) -> None:
         """Lock the folders of the stages to run before anything is written in them. A stage held by another
         command, or run by a job whose command is gone, is followed: wait until it is free, then plan again from
         what it left there (done -> reused, else resumed from its checkpoint)."""
@@ -142,34 +142,45 @@ class GraphRun:
             self._plan()
 
     def _run_owned(self, uri: str, recipe_path: str, detach: bool, ablation: dict[str, Any] | None = None) -> bool:
-        from filipctl.reports.progress import ProgressView
-        from filipctl.tracking.sink import MlflowSink
-        from filipctl.tracking.writer import Tracker
-
         stages, _ = self.backend.capacity()
         if detach and stages is not None and stages < len(self.to_run()):
             # Detached, nobody would be there to submit the rest once room frees up.
             raise UsageProblem(f"--detach queues the whole graph at once, but cluster.{self.backend.name}.max_parallel "
                                f"is {stages} for {len(self.to_run())} stages to run; unset it or do not detach")
-        stage_folders.prepare(self.graph, self.to_run(), fresh=self.force)
-        self.sink = MlflowSink(Tracker(uri, self.first.tracking.experiment), self.graph, self.backend.name)
-        self.top = self.sink.open(self.recipes, recipe_path, self.label, self.tags, ablation,
-                                  to_run={n.key for n in self.to_run()})
+        self.open_runs(uri, recipe_path, ablation)
         label = "ablation" if ablation is not None else "run"
         self.console.print(f"{label} [bold]{escape(self.first.name)}[/] on [bold]{self.backend.name}[/]: "
                            f"{len(self.graph.nodes)} stages, {len(self.to_run())} to run  mlflow run {self.top}",
                            highlight=False)
         for note in self.sink.source_notes:
             self.console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-        self.runner.env_for = self.sink.job_env
-        view = ProgressView(self.console)
-        self.runner.subscribers += [self.sink, view]
-        self.runner.ticks.append(view.tick)
+        more = []
         if self.backend.native_dependencies:  # the whole graph goes to the scheduler at once: say which job is which
-            self.runner.subscribers.append(_QueuedLine(self.console, len(self.to_run())))
+            more.append(_QueuedLine(self.console, len(self.to_run())))
         if self.sink.resumed:
             self.console.print(f"continuing the MLflow run of {', '.join(self.sink.resumed)} (one run per stage)",
                                highlight=False)
+        return self.execute(detach, more)
+
+    def open_runs(self, uri: str, recipe_path: str, ablation: dict[str, Any] | None = None) -> None:
+        """The folders of the stages to run made ready, and the MLflow runs opened (`self.sink`, `self.top`)."""
+        from filipctl.tracking.sink import MlflowSink
+        from filipctl.tracking.writer import Tracker
+
+        stage_folders.prepare(self.graph, self.to_run(), fresh=self.force)
+        self.sink = MlflowSink(Tracker(uri, self.first.tracking.experiment), self.graph, self.backend.name)
+        self.top = self.sink.open(self.recipes, recipe_path, self.label, self.tags, ablation,
+                                  to_run={n.key for n in self.to_run()})
+
+    def execute(self, detach: bool = False, subscribers: list | None = None) -> bool:
+        """Run the graph whose MLflow runs are open (`self.sink`) -> False when detached. Here, or by the graph runner
+        of a Ray job (graph_job.py), which gets the runs the submitting command opened."""
+        from filipctl.reports.progress import ProgressView
+
+        self.runner.env_for = self.sink.job_env
+        view = ProgressView(self.console)
+        self.runner.subscribers += [self.sink, view, *(subscribers or [])]
+        self.runner.ticks.append(view.tick)
         # Jobs append to their spools and the sink to its outbox; this thread sends both to MLflow when it answers.
         forwarder = Forwarder(self.tracker.client, self.sink.spools).start()
         try:
