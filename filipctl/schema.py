@@ -383,7 +383,8 @@ class RayProfile(Section):
     """Ray Train: pretraining as a TorchTrainer (DeepSpeed inside each worker); data and eval as Ray tasks."""
 
     max_parallel: int | None = Field(
-        1, gt=0, description="Stages started at once, each with its own Ray driver; null = no limit.")
+        None, gt=0, description="Stages started at once, each with its own Ray driver; null = through a Jobs API "
+        "address (http://...) as many as the cluster's nodes hold their workers, otherwise one at a time.")
     address: str = Field(
         "local",
         description="local: start a private Ray on this machine; auto: the Ray cluster running here; "

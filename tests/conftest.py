@@ -64,17 +64,33 @@ def longer_overrides(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One real, uninterrupted local run (data -> 2-worker DeepSpeed pretraining -> eval), made once for the
-    session: tests/test_cli.py checks it and resumes against its loss curve, tests/test_slurm.py compares Slurm's
-    curve with it. -> {"folder", "uri", "res", "losses": {step: loss}}"""
-    folder = tmp_path_factory.mktemp("local_run")
-    res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer_overrides(folder), cwd=folder)
-    assert res.returncode == 0, res.stdout + res.stderr
-    from mlflow.tracking import MlflowClient
+    """One real, uninterrupted local run (data -> 2-worker DeepSpeed pretraining -> eval), made once for the whole
+    test session, pytest-xdist workers included (the first one to need it makes it under a file lock, the others
+    read what it left): tests/test_cli.py checks it and resumes against its loss curve, the Slurm and Ray tests
+    compare their curves with it. -> {"folder", "uri", "res", "losses": {step: loss}, "pretrain_run"}"""
+    import fcntl
+    import json
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("filip")
-    (pre,) = client.search_runs([exp.experiment_id], "tags.`filipctl.stage` = 'pretrain'")
-    losses = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "loss")}
-    return {"folder": folder, "uri": uri, "res": res, "losses": losses, "pretrain_run": pre.info.run_id}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder, every worker's
+    folder = shared / "local_run"
+    made = shared / "local_run.json"
+    with open(shared / "local_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not made.exists():
+            folder.mkdir(exist_ok=True)
+            res = run_cli("run", str(ROOT / "recipes/smoke.yaml"), *longer_overrides(folder), cwd=folder)
+            assert res.returncode == 0, res.stdout + res.stderr
+            from mlflow.tracking import MlflowClient
+
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("filip")
+            (pre,) = client.search_runs([exp.experiment_id], "tags.`filipctl.stage` = 'pretrain'")
+            losses = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "loss")}
+            made.write_text(json.dumps({"uri": uri, "stdout": res.stdout, "stderr": res.stderr,
+                                        "losses": list(losses.items()), "pretrain_run": pre.info.run_id}))
+    run = json.loads(made.read_text())
+    res = subprocess.CompletedProcess([], 0, run["stdout"], run["stderr"])
+    return {"folder": folder, "uri": run["uri"], "res": res, "losses": {int(k): v for k, v in run["losses"]},
+            "pretrain_run": run["pretrain_run"]}

@@ -181,6 +181,15 @@ def test_two_pretrainings_overlap_and_the_table_equals_the_local_backends(ray_jo
           f"{[(n, round(s - spans[0][0], 1), round(e - spans[0][0], 1)) for s, e, n in spans]}; overlapping: {overlaps}; "
           f"training steps: {({n: (round(min(t) - spans[0][0], 1), round(max(t) - spans[0][0], 1)) for n, t in steps.items() if t})}")
     assert overlaps, spans  # two 2-worker trainers on the 4 CPUs at once
+    # Their drivers overlapping is not enough (one could wait on Ray for its placement group): two trainings ran at
+    # once, from the "pretraining ..." line (workers placed, engine built) to their last step.
+    training = {}
+    for name, evs in ray_jobs["events"].items():
+        start = [e["t"] for e in evs if e.get("message", "").lstrip().startswith("pretraining")]
+        if start and steps.get(name):
+            training[name] = (min(start), max(steps[name]))
+    windows = sorted((a, b, n) for n, (a, b) in training.items())
+    assert any(b[0] < a[1] for i, a in enumerate(windows) for b in windows[i + 1:]), windows
     ray_table, local_table = ray_jobs["ray_table"], ray_jobs["local_table"]
     assert ray_table["rows"] == local_table["rows"]  # every figure, bit for bit: same seeds, same training
     assert ray_table["title"] == local_table["title"]
@@ -279,6 +288,15 @@ def test_a_stage_lives_as_its_ray_job_says_and_ended_as_its_record_says(
         folder.result.write_text("{}")
     ref = StageRef(JOBS, "J", folder.job_record("pretrain"))
     assert StageRef.parse(str(ref)) == ref
+    assert stage_state(ref, job).value == expected
+
+
+@pytest.mark.parametrize("job, expected", [("RUNNING", "RUNNING"), ("SUCCEEDED", "UNKNOWN"), ("FAILED", "UNKNOWN")])
+def test_a_machine_that_does_not_see_the_run_folder_never_reads_a_stage_as_ended(tmp_path: Path, job: str,
+                                                                                  expected: str) -> None:
+    from filipctl.backends.ray_jobs import StageRef, stage_state
+
+    ref = StageRef(JOBS, "J", tmp_path / "elsewhere" / "pretrain-abc" / "logs" / "pretrain.job.json")
     assert stage_state(ref, job).value == expected
 
 

@@ -52,16 +52,23 @@ def test_what_counts_as_node_local(location: str, shared: list[str], local: str 
 
 
 def _recipe(**cluster: object) -> Recipe:
-    return Recipe.model_validate({"name": "t", "output_dir": "/tmp/x/runs", "cluster": cluster})
+    return Recipe.model_validate({"name": "t", "output_dir": "/tmp/x/runs", "cluster": cluster,
+                                  "data": {"train": [{"url": "/tmp/x/data/train"}], "eval": "/tmp/x/data/eval"}})
 
 
-def test_only_multi_node_runs_are_checked() -> None:
+def test_only_runs_that_reach_other_machines_are_checked() -> None:
     local_disk = "27 1 254:0 / / rw - ext4 /dev/vda rw\n"
     check_shared_storage(_recipe(backend="local"), [], local_disk)
-    check_shared_storage(_recipe(backend="slurm", slurm={"nodes": 1}), [], local_disk)
     check_shared_storage(_recipe(backend="ray", ray={"address": "local"}), [], local_disk)
-    with pytest.raises(FilipctlError, match=r"output_dir /tmp/x/runs is on this machine's ext4 .* \(2 Slurm nodes"):
+    with pytest.raises(FilipctlError, match=r"output_dir /tmp/x/runs is on this machine's ext4 .* \(Slurm compute "
+                                            r"nodes, 2 per"):
         check_shared_storage(_recipe(backend="slurm", slurm={"nodes": 2}), [], local_disk)
+    # One node per job still runs on a compute node, not here; the data it reads is checked too.
+    with pytest.raises(FilipctlError, match=r"data.train /scratch/d/\{0..9\}.tar is on"):
+        check_shared_storage(Recipe.model_validate({"name": "t", "output_dir": "/tmp/x/runs",
+                                                    "data": {"train": [{"url": "/scratch/d/{0..9}.tar"}]},
+                                                    "cluster": {"backend": "slurm", "shared_dirs": ["/tmp/x"]}}),
+                             [], local_disk)
     with pytest.raises(FilipctlError, match=r"cluster.ray.storage_path /tmp/r is on .*Ray cluster at 10.0.0.1:6379"):
         check_shared_storage(_recipe(backend="ray", shared_dirs=["/tmp/x"],
                                      ray={"address": "10.0.0.1:6379", "storage_path": "/tmp/r"}), [], local_disk)

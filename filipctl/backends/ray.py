@@ -81,7 +81,9 @@ class RayBackend(LocalBackend):
         self._stopped: set[tuple[str, str]] = set()  # Ray jobs (Jobs API address, id) this backend stopped
 
     def capacity(self) -> tuple[int | None, int | None]:
-        return self.profile.max_parallel, None  # Ray places the workers itself
+        # Ray places the workers itself. Driven from here, one stage at a time unless told: a private Ray starts once
+        # per driver. (A graph run through the Jobs API counts the nodes' room instead: ray_in_job.)
+        return self.profile.max_parallel or 1, None
 
     def _argv(self, request: JobRequest, port: int) -> list[str]:
         if self.profile.address == "local" and not request.stage.distributed:

@@ -139,8 +139,11 @@ def connect(profile: RayProfile) -> None:
     problem = probe_address(profile.address, profile.connect_timeout_s)
     if problem:
         raise JobError(f"Ray address {profile.address}: {problem}")
-    kwargs: dict[str, Any] = {"runtime_env": profile.runtime_env or None, "logging_level": "WARNING",
-                              "log_to_driver": True}
+    # Inside a Ray job (a graph run through the Jobs API) the job's runtime_env, which graph_job submitted from the
+    # profile, applies to this driver already: passing it again makes Ray refuse to merge the two (same env_vars).
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    kwargs: dict[str, Any] = {"runtime_env": None if in_job else (profile.runtime_env or None),
+                              "logging_level": "WARNING", "log_to_driver": True}
     if profile.address == "local":
         # address="local", not None: without an address ray.init joins the last cluster `ray start` wrote down in
         # /tmp/ray (a standing cluster on this machine) instead of starting the private one.
@@ -151,6 +154,8 @@ def connect(profile: RayProfile) -> None:
         except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
             # Something answered at the address but it is not a Ray this driver can join.
             why = " ".join(str(exc).split())[:400]
+            if "runtime env" in why.lower() or "runtime_env" in why:  # Ray quotes the env, env_vars values included
+                why = "Ray refused cluster.ray.runtime_env (its values are not shown: they may hold credentials)"
             raise JobError(f"Ray address {profile.address}: could not join the cluster: {why}") from None
 
 

@@ -135,6 +135,9 @@ class StageRef:
 
 def stage_state(ref: StageRef, job_status: str) -> State:
     """A stage's state from its Ray job's status and its own job record (the shared output_dir)."""
+    if not ref.folder.is_dir():
+        # This machine does not see the run folder: the Ray job's state is all it knows, and never the end of a stage.
+        return State.RUNNING if job_status in ALIVE else State.UNKNOWN
     record = ref.started_here()
     if record is not None and "exit_code" in record:
         return _state_of(record["exit_code"], record.get("cancelled", False))
@@ -154,7 +157,10 @@ def job_statuses(address: str, job_ids: set[str]) -> dict[str, str]:
     for job_id in job_ids:
         try:
             out[job_id] = str(jobs.get_job_status(job_id))
-        except RuntimeError:  # "Job ... does not exist"
+        except RuntimeError as exc:
+            if not _no_such_job(exc):  # a 500 or 503 says nothing about the job: no state is made up from it
+                raise FilipctlError(f"Ray Jobs API {address}: no answer about Ray job {job_id} ({_first_line(exc)})") \
+                    from None
             out[job_id] = "UNKNOWN"
         except Exception as exc:  # noqa: BLE001 - the connection broke mid-way
             raise FilipctlError(f"Ray Jobs API {address}: no answer about Ray job {job_id} ({type(exc).__name__})") \
@@ -185,14 +191,33 @@ def stop(address: str, job_id: str, wait_s: float = STOP_WAIT_S) -> str:
     jobs = reach(address)
     try:
         jobs.stop_job(job_id)
-    except RuntimeError:  # a job the cluster does not know (it restarted): nothing left to stop
-        return "UNKNOWN"
-    deadline = time.time() + wait_s
-    status = str(jobs.get_job_status(job_id))
-    while status in ALIVE and time.time() < deadline:
-        time.sleep(0.5)
+        deadline = time.time() + wait_s
         status = str(jobs.get_job_status(job_id))
+        while status in ALIVE and time.time() < deadline:
+            time.sleep(0.5)
+            status = str(jobs.get_job_status(job_id))
+    except RuntimeError as exc:
+        if _no_such_job(exc):  # a job the cluster does not know (it restarted): nothing left to stop
+            return "UNKNOWN"
+        raise FilipctlError(f"Ray Jobs API {address}: could not stop Ray job {job_id} ({_first_line(exc)}); "
+                            "try again, or `ray job stop` on the head") from None
+    except Exception as exc:  # noqa: BLE001 - the connection broke mid-way
+        raise FilipctlError(f"Ray Jobs API {address}: no answer while stopping Ray job {job_id} "
+                            f"({type(exc).__name__}); check it with `ray job status {job_id}`") from None
+    if status in ALIVE:
+        raise FilipctlError(f"Ray job {job_id} still {status} {wait_s:g} s after it was asked to stop; check it with "
+                            f"`ray job status {job_id}` on the head")
     return status
+
+
+def _no_such_job(exc: Exception) -> bool:
+    """JobSubmissionClient raises RuntimeError for every non-200 answer: only a 404 says the job is unknown."""
+    text = str(exc)
+    return "does not exist" in text or "404" in text
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def stage_logs(ref: StageRef) -> str:

@@ -133,12 +133,18 @@ class SacctWatcher:
     def _node_failed(self, jobs: dict[str, str]) -> None:
         """Jobs that sacct reads NODE_FAIL: queued again when Slurm requeued them (squeue holds them), else failed.
         Either way the log names the nodes of the job that are down."""
+        unsure = {j: "PENDING" for j in jobs}  # cannot tell yet: not failed on a guess, asked again next poll
         try:
             res = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T", "--jobs=" + ",".join(jobs)],
                                  capture_output=True, text=True, timeout=30)
-            queued = dict(ln.split("|", 1) for ln in res.stdout.split())
-        except subprocess.TimeoutExpired:
-            queued = {j: "PENDING" for j in jobs}  # cannot tell yet: not failed on a guess, asked again next poll
+        except (subprocess.TimeoutExpired, OSError):
+            res = None
+        if res is not None and res.returncode == 0:
+            queued = dict(ln.split("|", 1) for ln in res.stdout.split() if "|" in ln)
+        elif res is not None and "Invalid job id" in res.stderr:
+            queued = {}  # squeue no longer holds any of them: they ended for good
+        else:  # a busy slurmctld (as when a node just died) answers nothing: ask again at the next poll
+            queued = unsure
         for slurm_id, nodes in jobs.items():
             state = _STATES.get(queued.get(slurm_id, "NODE_FAIL"), State.UNKNOWN)
             self._states[slurm_id] = state

@@ -1,4 +1,4 @@
-"""Whether every node of a multi-node job can see a folder: a run folder on one node's own disk is a job that fails
+"""Whether every node a run reaches can see a folder: a run folder on one machine's own disk is a job that fails
 (or, worse, resumes from nothing) on the others. Decided before anything is queued.
 
 A folder counts as shared when it is object storage (s3://...), lies under one of `cluster.shared_dirs` (what the
@@ -74,12 +74,12 @@ def node_local(location: str, shared_dirs: list[str], table: list[Mount]) -> str
 
 
 def nodes_reached(recipe: Recipe) -> str | None:
-    """What spreads the run over several nodes under this recipe's cluster profile, or None when it runs on one
-    (local; Slurm with nodes: 1; a private Ray of this machine). On a Ray cluster any node may run a stage's driver
-    or a worker: Ray places them."""
+    """What runs the stages on other machines than this one under the recipe's cluster profile, or None when they
+    all run here (local; a private Ray of this machine). Slurm jobs run on compute nodes, never on the login node,
+    and one stage's node need not be the next one's; on a Ray cluster Ray places the drivers and workers."""
     cluster = recipe.cluster
-    if cluster.backend == "slurm" and cluster.slurm.nodes > 1:
-        return f"{cluster.slurm.nodes} Slurm nodes (cluster.slurm.nodes)"
+    if cluster.backend == "slurm":
+        return f"Slurm compute nodes, {cluster.slurm.nodes} per pretraining job"
     ray = cluster.ray
     if cluster.backend == "ray" and ray.address != "local":
         return f"the Ray cluster at {ray.address}, whose nodes run the stages and place its workers"
@@ -87,7 +87,8 @@ def nodes_reached(recipe: Recipe) -> str | None:
 
 
 def check_shared_storage(recipe: Recipe, checkpoint_dirs: list[Path], mountinfo: str | None = None) -> None:
-    """Refuse a multi-node run whose output_dir, checkpoint folders or Ray storage is on one node's own disk."""
+    """Refuse a run on other machines whose output_dir, checkpoint folders, data or Ray storage is on this
+    machine's own disk."""
     spread = nodes_reached(recipe)
     if spread is None:
         return
@@ -98,12 +99,16 @@ def check_shared_storage(recipe: Recipe, checkpoint_dirs: list[Path], mountinfo:
             return  # not Linux: nothing to tell a local disk by; the site's own checks apply
     table = mounts(mountinfo)
     places = [("output_dir", recipe.output_dir)] + [("the checkpoint folder", str(d)) for d in checkpoint_dirs]
+    # The data the jobs read (and the data stage writes, for the synthetic set) is read on the nodes too.
+    places += [("data.train", source.url) for source in recipe.data.train]
+    if recipe.data.eval:
+        places.append(("data.eval", recipe.data.eval))
     if recipe.cluster.backend == "ray":
         places.append(("cluster.ray.storage_path", recipe.cluster.ray.storage_path))
     for what, location in places:
         why = node_local(location, recipe.cluster.shared_dirs, table)
         if why:
             raise CannotRun(
-                f"{what} {location} is on {why}, which the other nodes of this run ({spread}) cannot see; put it "
+                f"{what} {location} is on {why}, which the machines this run reaches ({spread}) cannot see; put it "
                 "on the cluster file system (or s3:// for Ray storage), or list the folder in cluster.shared_dirs "
                 "if every node mounts it")
