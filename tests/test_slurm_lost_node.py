@@ -165,6 +165,9 @@ def test_slurm_requeues_the_job_of_a_lost_node_and_it_resumes_from_its_last_chec
     assert s["read_as"] == ("NODE_FAIL", State.QUEUED), s["read_as"]
     assert f"Slurm job {s['job']} lost node {LOST} (NODE_FAIL) and was requeued" in s["said"][0], s["said"]
     assert "stage pretrain failed" not in s["stderr"], s["stderr"]
+    # The CLI that followed it told the user, naming the node (however its sacct calls fell around the NODE_FAIL).
+    told = [ln for ln in s["stderr"].splitlines() if f"Slurm job {s['job']}" in ln and "requeued" in ln]
+    assert len(told) == 1 and LOST in told[0], s["stderr"]
     # It resumed from the checkpoint saved before the loss: at most one checkpoint interval was trained again.
     assert s["resumed"] is not None, s["log"][-3000:]
     resumed_step = int(s["resumed"]["message"].rsplit("step", 1)[1].split(";")[0])
@@ -218,3 +221,6 @@ def test_mlflow_shows_where_it_ran_and_the_requeue(lost_node: dict) -> None:
     resumed_step = int(lost_node["resumed"]["message"].rsplit("step", 1)[1].split(";")[0])
     assert tags.get("filipctl.restarts") == "1", tags
     assert [(m.step, m.value) for m in client.get_metric_history(pre.info.run_id, "restarts")] == [(resumed_step, 1)]
+    # Why, with the lost node by name, from Slurm's accounting (the requeued job asked it, not the CLI).
+    cause = tags.get("filipctl.restart.1", "")
+    assert cause.startswith(f"from step {resumed_step}: the run before ended NODE_FAIL: {LOST} down from"), tags

@@ -58,4 +58,5 @@ def describe_nodes(nodes: Sequence[Mapping[str, float]], keys: Sequence[str]) ->
     def one(i: int, node: Mapping[str, float]) -> str:
         return " ".join([node_name(node, i), *(f"{k} {node.get(k, 0.0):g}" for k in keys)])
 
-    return ", ".join(one(i, n) for i, n in enumerate(nodes))
+    # Sorted: Ray lists its nodes in no fixed order, and the same cluster should read the same every time.
+    return ", ".join(sorted(one(i, n) for i, n in enumerate(nodes)))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from filipctl.backends.base import JobHandle, JobRequest
+from filipctl.backends.slurm_requeue import slurm_requeue_cause
 from filipctl.contract import worker_args
 from filipctl.errors import FilipctlError
 from filipctl.schema import SlurmProfile
@@ -117,7 +118,10 @@ class SacctWatcher:
                     self._states[slurm_id] = _STATES.get(word.split(" ")[0], State.UNKNOWN)
                     if word.startswith("NODE_FAIL"):
                         node_failed[slurm_id] = nodes
-            self._requeued.intersection_update(node_failed)  # started again: a later loss is said again
+                    elif before[slurm_id] is State.RUNNING and self._states[slurm_id] is State.QUEUED:
+                        self._queued_again(slurm_id)
+            # Started again: a later loss is said again.
+            self._requeued.difference_update(j for j in slurm_ids if self._states.get(j) is State.RUNNING)
             if node_failed:
                 self._node_failed(node_failed)
             for slurm_id in new:
@@ -129,6 +133,16 @@ class SacctWatcher:
         changed = res is not None and res.returncode == 0 and any(self._states.get(j) != s for j, s in before.items())
         self.interval_s = self.min_s if changed else min(self.interval_s * 2, self.max_s)
         self._next_call = time.monotonic() + self.interval_s
+
+    def _queued_again(self, slurm_id: str) -> None:
+        """A running job that sacct now reads pending: Slurm requeued it (a lost node whose NODE_FAIL this watcher did
+        not see between two calls, a time limit, a preemption). Say why, from Slurm's accounting."""
+        if slurm_id in self._requeued:
+            return
+        self._requeued.add(slurm_id)
+        cause = slurm_requeue_cause(slurm_id)
+        log.warning("Slurm job %s was requeued%s: it continues from its last checkpoint when it starts again",
+                    slurm_id, f" ({cause})" if cause else "")
 
     def _node_failed(self, jobs: dict[str, str]) -> None:
         """Jobs that sacct reads NODE_FAIL: queued again when Slurm requeued them (squeue holds them), else failed.

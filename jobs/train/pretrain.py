@@ -25,6 +25,7 @@ from filipctl.contract import JobError, RunDir, file_sha256, first_error, job_ma
 from filipctl.schema import Recipe
 from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.data.index import load_index
+from filipctl.backends.slurm_requeue import slurm_requeue_cause
 from jobs.train.distributed import DistInfo, collectives_named, init_distributed, leave, rank_hosts, rendezvous
 from jobs.train.heartbeat import Heartbeat
 from jobs.events import emit
@@ -66,10 +67,13 @@ def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
     restarts = torchrun or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if not restarts or not info.is_main:
         return
+    cause = "" if torchrun else slurm_requeue_cause(os.environ.get("SLURM_JOB_ID", ""))
     what = (f"restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}" if torchrun
-            else f"Slurm requeue {restarts}")
+            else f"Slurm requeue {restarts}" + (f" ({cause})" if cause else ""))
     _log(info, f"{what}: resuming from step {start}", restart=restarts, resumed_at=start)
     logger.tags({"filipctl.restarts": str(restarts)})
+    if cause:  # the lost node, by name, on the stage's run (Ray Train's driver records its restarts the same way)
+        logger.tags({f"filipctl.restart.{restarts}": f"from step {start}: {cause}"})
     logger.metrics({"restarts": restarts}, step=start)
 
 
