@@ -76,6 +76,15 @@ class StageLogger:
         parent = str(Path(artifact_file).parent)
         self.artifact(str(path), None if parent == "." else parent)
 
+    def restart(self, restart: int, start: int, why: str = "") -> None:
+        """A restarted attempt (torchrun, a Slurm requeue, Ray Train's FailureConfig) on the stage's run: tag
+        filipctl.restarts, filipctl.restart.K = why (when known), metric `restarts` at the step it resumed from."""
+        tags = {"filipctl.restarts": str(restart)}
+        if why:
+            tags[f"filipctl.restart.{restart}"] = f"from step {start}: {why}"[:1000]
+        self.tags(tags)
+        self.metrics({"restarts": restart}, step=start)
+
     def last_step(self, metric: str) -> int:
         """The highest step at which `metric` was logged to this spool so far (by an earlier attempt), 0 if none."""
         if self.spool is None or not self.spool.is_file():

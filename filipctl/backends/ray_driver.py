@@ -66,9 +66,7 @@ class RayCheckpoints:
         emit(note + (f"; the attempt before failed: {why}" if why else ""), stage="pretrain", restart=self.restart,
              resumed_at=start)
         logger = StageLogger(True)
-        logger.tags({"filipctl.restarts": str(self.restart),
-                     f"filipctl.restart.{self.restart}": f"from step {start}: {why or 'no error recorded'}"[:1000]})
-        logger.metrics({"restarts": self.restart}, step=start)
+        logger.restart(self.restart, start, why or "no error recorded")
         logger.sync()
 
     def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:

@@ -71,10 +71,7 @@ def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
     what = (f"restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}" if torchrun
             else f"Slurm requeue {restarts}" + (f" ({cause})" if cause else ""))
     _log(info, f"{what}: resuming from step {start}", restart=restarts, resumed_at=start)
-    logger.tags({"filipctl.restarts": str(restarts)})
-    if cause:  # the lost node, by name, on the stage's run (Ray Train's driver records its restarts the same way)
-        logger.tags({f"filipctl.restart.{restarts}": f"from step {start}: {cause}"})
-    logger.metrics({"restarts": restarts}, step=start)
+    logger.restart(restarts, start, cause)  # the cause names the lost node, when Slurm's accounting says
 
 
 def refuse_pointless_restart(run_dir: RunDir) -> None:
