@@ -13,12 +13,13 @@ Without a process group the same object scores the batch against itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.accumulation import concat
 from models.filip import Features
 from models.gather import gather_features, world
 from models.interaction import INTERACTIONS, similarity
@@ -99,8 +100,13 @@ class FilipLoss(nn.Module):
             return "global interaction"
         return f"late interaction, gather {self.gather_dtype} keeping {self.token_keep:.0%} of tokens"
 
-    def forward(self, local: Features, logit_scale: Tensor) -> Tensor:
-        sent = reduce_for_gather(local, self.token_keep, self.memory_mb)
+    def forward(self, local: Features | Sequence[Features], logit_scale: Tensor) -> Tensor:
+        """`local`: this worker's features, or its micro-batches' (accumulated: models/accumulation.py), each
+        reduced for the gather on its own, as a worker of that micro-batch's size would, so that the loss does not
+        depend on how many micro-batches a worker runs."""
+        parts = [local] if isinstance(local, Features) else list(local)
+        sent = concat([reduce_for_gather(p, self.token_keep, self.memory_mb) for p in parts])
+        local = concat(parts)
         gathered = gather_features(sent, self.interaction, self.gather_dtype)
         rank, _ = world()
         offset = rank * local.image_tokens.shape[0]
