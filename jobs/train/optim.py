@@ -1,4 +1,8 @@
-"""Optimizer, LR schedule and weight-decay groups as in the paper (LAMB, warmup + cosine, sqrt LR scaling)."""
+"""Optimizer, LR schedule and weight-decay groups as in the paper (LAMB, warmup + cosine, sqrt LR scaling).
+
+LAMB is jobs/train/lamb.py's: timm's math, but its trust ratio stays per parameter when ZeRO hands it flat
+partitions (after deepspeed.initialize, jobs.train.lamb.attach_layout(engine) tells it the layout). Gradient
+clipping is DeepSpeed's `gradient_clipping` (optim.grad_clip), over the global gradient, never the optimizer's."""
 
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def build_optimizer(model: nn.Module, cfg: "OptimConfig", global_batch: int) -> 
     groups = param_groups(model, cfg.weight_decay)
     betas = tuple(cfg.betas)
     if cfg.name == "lamb":
-        from timm.optim import Lamb
+        from jobs.train.lamb import Lamb
 
         return Lamb(groups, lr=lr, betas=betas, eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps)
