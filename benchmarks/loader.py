@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.train.batch_layout import layout_for
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -69,9 +71,9 @@ def planned_shards(recipe, sources, rank: int, world: int, epoch: int = 0) -> li
     """The shards the real `epoch_samples` hands this rank's readers in `epoch` (nothing is read)."""
     import jobs.data.loader as L
 
-    slots = max(1, recipe.data.loader_workers)
-    plan = L.ReaderPlan(tuple(sources), world * slots, recipe.train.seed, recipe.data.shuffle_buffer)
-    dataset = L.TrainSamples(plan, rank, slots, {}, 0, recipe)
+    mb = recipe.train.micro_batch_size
+    schedule = L.ReaderSchedule(layout_for(mb * world, mb, world), max(1, recipe.data.loader_workers), rank, 0)
+    plan = L.ReaderPlan(tuple(sources), schedule.readers, recipe.train.seed, recipe.data.shuffle_buffer)
     opened: list[str] = []
 
     def stub(urls, on_error):
@@ -80,8 +82,8 @@ def planned_shards(recipe, sources, rank: int, world: int, epoch: int = 0) -> li
 
     real, L.iter_samples = L.iter_samples, stub
     try:
-        for worker in range(slots):
-            for _ in L.epoch_samples(plan, 0, epoch, dataset.reader_of(worker), L.Problems()):
+        for reader in schedule.own_readers():
+            for _ in L.epoch_samples(plan, 0, epoch, reader, L.Problems()):
                 pass
     finally:
         L.iter_samples = real
@@ -144,7 +146,8 @@ def run_rank(args: argparse.Namespace) -> None:
     instrument(log_dir, args.rank)
     recipe = recipe_of(args, args.workers)
     sources = sources_of(Path(args.data), args.samples, args.per_shard)
-    batches = TrainBatches(recipe, sources, args.rank, args.world)
+    mb = recipe.train.micro_batch_size
+    batches = TrainBatches(recipe, sources, args.rank, layout_for(mb * args.world, mb, args.world))
     for _ in range(args.warmup):
         next(batches)
     (log_dir / f"ready.{args.rank}").touch()  # start the timed windows of all ranks together
@@ -158,7 +161,7 @@ def run_rank(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     assert images.shape[-1] == recipe.model.image.image_size
     # Go on until every reader of this rank has drawn from epoch 1: its epoch-0 shards are all read and logged.
-    readers = range(args.rank * batches.slots, (args.rank + 1) * batches.slots)
+    readers = batches.schedule.own_readers()
     extra = 0
     while not all(r in batches.positions and batches.positions[r].sources[0][0] >= 1 for r in readers):
         next(batches)

@@ -15,6 +15,7 @@ from PIL import Image
 from filipctl.recipes import load_recipe
 from jobs.data.loader import ReaderPlan, ReaderStream, Problems, ShardSource, TrainBatches, epoch_samples
 from jobs.data.shards import ShardWriter
+from jobs.train.batch_layout import layout_for
 from tests.conftest import ROOT
 
 
@@ -66,8 +67,10 @@ def _recipe(tmp_path: Path, *sets: str):
         "data.augment=true", "data.text_augment=true", "train.seed=5", *sets])
 
 
-def _batches(recipe, sources, rank: int, world: int, state=None) -> TrainBatches:
-    return TrainBatches(recipe, sources, rank, world, state)
+def _batches(recipe, sources, rank: int, world: int, states=None, start: int = 0) -> TrainBatches:
+    """Rank `rank` of `world`, one micro-batch per step (global batch = micro_batch_size x world)."""
+    mb = recipe.train.micro_batch_size
+    return TrainBatches(recipe, sources, rank, layout_for(mb * world, mb, world), states, start)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -76,11 +79,12 @@ def test_resume_from_state_gives_the_batches_an_uninterrupted_loader_gives(tmp_p
     recipe = _recipe(tmp_path, f"data.loader_workers={workers}")
     straight = _batches(recipe, sources, rank=1, world=2)
     want = [next(straight) for _ in range(9)]  # several epochs of this rank's readers (30 samples / 4 per batch)
-    first = _batches(recipe, sources, rank=1, world=2)
+    first = [_batches(recipe, sources, rank=r, world=2) for r in range(2)]
     for _ in range(5):
-        next(first)
-    state = json.loads(json.dumps(first.state()))  # as a checkpoint stores it
-    resumed = _batches(recipe, sources, rank=1, world=2, state=state)
+        for b in first:
+            next(b)
+    states = json.loads(json.dumps([b.state() for b in first]))  # as a checkpoint stores them
+    resumed = _batches(recipe, sources, rank=1, world=2, states=states, start=5)
     got = [next(resumed) for _ in range(4)]
     for (wi, wt), (gi, gt) in zip(want[5:], got):
         assert torch.equal(wi, gi) and torch.equal(wt, gt)
@@ -90,10 +94,12 @@ def test_resume_from_state_gives_the_batches_an_uninterrupted_loader_gives(tmp_p
 
 def test_resume_into_another_layout_is_refused(tmp_path: Path) -> None:
     sources = [write_source(tmp_path / "a", 20, 10, "a")]
-    first = _batches(_recipe(tmp_path), sources, rank=0, world=2)
-    next(first)
+    first = [_batches(_recipe(tmp_path), sources, rank=r, world=2) for r in range(2)]
+    for b in first:
+        next(b)
     with pytest.raises(ValueError, match="readers"):
-        _batches(_recipe(tmp_path, "data.loader_workers=2"), sources, rank=0, world=2, state=first.state())
+        _batches(_recipe(tmp_path, "data.loader_workers=2"), sources, rank=0, world=2,
+                 states=[b.state() for b in first], start=1)
 
 
 def test_sources_are_mixed_by_weight(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from jobs.data.index import shard_digests
 from jobs.data.loader import Problems, ReaderPlan, ShardSource, TrainBatches, epoch_samples
 from jobs.data.shards import DigestCheck
 from tests.conftest import FILIPCTL, ROOT, run_cli
+from jobs.train.batch_layout import layout_for
 from tests.test_loader import _recipe, write_source
 
 
@@ -61,7 +62,8 @@ def test_changed_shard_is_skipped_whole_named_and_counted(tmp_path: Path) -> Non
     assert "!=" in messages[0] and ": skipped" in messages[0]
 
     # through the whole loader with 2 worker processes: batches keep coming, the skip is counted and named
-    batches = TrainBatches(_recipe(tmp_path, "data.augment=false", "data.loader_workers=2"), [source], 0, 1)
+    batches = TrainBatches(_recipe(tmp_path, "data.augment=false", "data.loader_workers=2"), [source], 0,
+                           layout_for(4, 4, 1))
     for _ in range(12):
         next(batches)
     assert batches.skipped >= 10 and batches.read >= 40
