@@ -25,8 +25,9 @@ ENV_RUN_ID = "FILIPCTL_MLFLOW_RUN_ID"  # the stage's MLflow run (metrics, artifa
 ENV_EVENTS = "FILIPCTL_EVENTS"  # JSON-lines file the CLI tails for progress bars
 ENV_SPOOL = "FILIPCTL_SPOOL"  # the stage's tracking spool: what the job logs, forwarded to MLflow by the CLI
 ENV_RANK_CPUS = "FILIPCTL_RANK_CPUS"  # CPU cores the launcher reserved for each rank (Ray: resources_per_worker)
+ENV_STOP_AT_STEP = "FILIPCTL_STOP_AT_STEP"  # pretraining stops after the checkpoint of this step (to continue it elsewhere)
 # What a driver (Ray) forwards to the workers it starts; credentials are never forwarded.
-JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS, ENV_SPOOL)
+JOB_ENV = (ENV_TRACKING_URI, ENV_RUN_ID, ENV_EVENTS, ENV_SPOOL, ENV_STOP_AT_STEP)
 
 # -- MLflow tags -------------------------------------------------------------------------------------
 TAG_KIND = "filipctl.kind"  # "pipeline" (a run), "ablation", "variant" (of an ablation) or "stage"

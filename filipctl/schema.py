@@ -212,7 +212,8 @@ class DataConfig(Section):
 class OptimConfig(Section):
     """LAMB with linear warmup then cosine decay (paper's recipe)."""
 
-    name: Literal["lamb", "adamw"] = Field("lamb", description="Optimizer (timm's Lamb; adamw for comparison).")
+    name: Literal["lamb", "adamw"] = Field("lamb", description="Optimizer: LAMB (layer-wise trust ratio, whatever ZeRO partitions; "
+                                                   "jobs/train/lamb.py); adamw for comparison.")
     base_lr: float = Field(6e-3, gt=0, description="Base LR; peak LR = base_lr * sqrt(global_batch / 512).")
     weight_decay: float = Field(3e-2, ge=0, description="Weight decay (not applied to biases, norms, embeddings, temperature).")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
@@ -230,8 +231,16 @@ class TrainConfig(Section):
     precision: Precision = Field("bf16", description="Training precision (fp16 needs a GPU).")
     gradient_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
     steps: int = Field(1000, gt=0, description="Optimizer steps.")
-    micro_batch_size: int = Field(32, gt=0, description="Pairs per worker per step; global batch = this x workers.")
-    workers: int = Field(2, gt=0, description="Worker processes (one per device); 2 local CPU workers in the smoke recipe.")
+    global_batch: int | None = Field(
+        None, gt=0, description="Pairs per optimizer step over all workers: the invariant of a pretraining stage. A run "
+        "continued on another number of workers (train.workers, a cluster profile, a Slurm node range, a Ray worker "
+        "range) keeps it: each worker runs global_batch / workers pairs per step, in micro-batches of at most "
+        "micro_batch_size, accumulating their gradients (exactly: the contrastive loss still spans the whole global "
+        "batch). null = micro_batch_size x workers as this recipe sets them.")
+    micro_batch_size: int = Field(32, gt=0, description="The most pairs a worker runs through the towers at once "
+                                  "(its memory); global_batch / micro_batch_size micro-batches make one step.")
+    workers: int = Field(2, gt=0, description="Worker processes (one per device) on the local backend; a cluster "
+                         "profile sets its own. Not part of the stage: a run continues at another size.")
     checkpoint_every: int = Field(500, gt=0, description="Save a DeepSpeed checkpoint every N steps; a rerun resumes from the latest.")
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
     seed: int = Field(0, description="Seed for model init and data order.")
@@ -246,9 +255,27 @@ class TrainConfig(Section):
                                         "waiting longer than this fails the job naming the rank that stopped (a hung "
                                         "or dead worker).")
 
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.workers
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_global_batch(cls, data: Any) -> Any:
+        """null global_batch = micro_batch_size x workers as written: resolved once, so that a run moved to another
+        number of workers later keeps it."""
+        if isinstance(data, dict) and data.get("global_batch") is None:
+            mb, workers = data.get("micro_batch_size", 32), data.get("workers", 2)
+            if isinstance(mb, int) and isinstance(workers, int) and not isinstance(mb, bool) \
+                    and not isinstance(workers, bool):
+                data = {**data, "global_batch": mb * workers}
+        return data
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainConfig":
+        from jobs.train.batch_layout import LayoutError, layout_for
+
+        try:
+            layout_for(self.global_batch or 0, self.micro_batch_size, self.workers)
+        except LayoutError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class EvalDataset(Section):
@@ -346,6 +373,29 @@ class LocalProfile(Section):
         "oversubscribes. Results do not depend on it.")
 
 
+def count_range(value: Any) -> int | str:
+    """A count (2) or a range "MIN-MAX" (1-4) of a cluster profile, checked: 1 <= MIN <= MAX. "N" and "N-N" are the
+    count N; a range stays the string "MIN-MAX" as written. Raises ValueError with the one line to show."""
+    expected = f"expected a count (2) or a range MIN-MAX (1-4) with 1 <= MIN <= MAX, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(expected)
+    low, dash, high = str(value).strip().partition("-")
+    if not (low.strip().isdigit() and (not dash or high.strip().isdigit())):
+        raise ValueError(expected)
+    lo, hi = int(low), int(high) if dash else int(low)
+    if not 1 <= lo <= hi:
+        raise ValueError(expected)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def range_of(value: int | str) -> tuple[int, int]:
+    """(MIN, MAX) of what count_range returned."""
+    if isinstance(value, int):
+        return value, value
+    low, _, high = value.partition("-")
+    return int(low), int(high)
+
+
 class SlurmProfile(Section):
     """Slurm resources for the pretraining stage (data and eval run as one task on one node)."""
 
@@ -357,7 +407,11 @@ class SlurmProfile(Section):
     account: str | None = Field(None, description="Account to charge (sbatch --account).")
     qos: str | None = Field(None, description="Quality of service (sbatch --qos).")
     time_min: int = Field(60, gt=0, description="Time limit per job in minutes; a timed-out pretraining job requeues and resumes.")
-    nodes: int = Field(1, gt=0, description="Nodes for pretraining.")
+    nodes: int | str = Field(
+        1, description="Nodes for pretraining: a count (2), or a range MIN-MAX (\"1-4\", sbatch --nodes=1-4): the job "
+        "starts on as many nodes as are free up to MAX (at least MIN), and again so after a requeue, e.g. on fewer "
+        "nodes once one was lost; training continues from its checkpoint on the workers it got, with the same global "
+        "batch (train.global_batch).")
     tasks_per_node: int = Field(1, gt=0, description="Worker processes per node: one per device (GPU).")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node (sbatch --gpus-per-node); 0 = CPU only.")
     cpus_per_task: int | None = Field(None, gt=0, description="CPU cores per worker process.")
@@ -374,9 +428,32 @@ class SlurmProfile(Section):
     )
     max_requeues: int = Field(3, ge=0, description="How many times a timed-out or preempted job requeues itself.")
 
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _node_range(cls, value: Any) -> int | str:
+        return count_range(value)
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(MIN, MAX) nodes of a pretraining job; the same twice for a count."""
+        return range_of(self.nodes)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the job may get another number of nodes than the last time (nodes is a range)."""
+        low, high = self.node_range
+        return low != high
+
+    @property
+    def world_sizes(self) -> tuple[int, ...]:
+        """Every number of workers a pretraining job may get: nodes x tasks_per_node for each node count."""
+        low, high = self.node_range
+        return tuple(n * self.tasks_per_node for n in range(low, high + 1))
+
     @property
     def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
+        """The most workers a pretraining job gets (MAX nodes x tasks_per_node)."""
+        return self.world_sizes[-1]
 
 
 class RayProfile(Section):
@@ -392,7 +469,11 @@ class RayProfile(Section):
         "head's Jobs API): the whole graph submitted as one Ray job, run on the cluster (--detach works, this machine "
         "may go away, independent stages run at once).",
     )
-    workers: int = Field(2, gt=0, description="Training workers (one per device).")
+    workers: int | str = Field(
+        2, description="Training workers (one per device): a count (2), or a range MIN-MAX (\"1-4\") for an elastic "
+        "worker group (Ray Train ScalingConfig(num_workers=(MIN, MAX))): it starts with as many as the nodes hold, "
+        "up to MAX (at least MIN), and after a failure again, e.g. on fewer once a node was lost; training continues "
+        "from its checkpoint with the same global batch (train.global_batch). Needs placement_strategy PACK or SPREAD.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves, e.g. {CPU: 8, GPU: 1}."
     )
@@ -415,10 +496,52 @@ class RayProfile(Section):
         description="Ray runtime environment (pip, working_dir, env_vars...). Values under env_vars are never recorded.",
     )
     connect_timeout_s: float = Field(30.0, gt=0, description="Give up connecting to `address` after this long.")
+    resize_interval_s: float = Field(
+        60.0, ge=0, description="With a range of workers: how often a running group checks whether the nodes now hold "
+        "more workers (a node came back, another run ended); if so Ray Train restarts it larger, from the last "
+        "checkpoint (steps since it are trained again). ScalingConfig.elastic_resize_monitor_interval_s.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> int | str:
+        return count_range(value)
+
+    @model_validator(mode="after")
+    def _elastic_placement(self) -> "RayProfile":
+        # Ray Train 2.60 sizes an elastic group by counting the workers that fit on each node, whatever the strategy:
+        # a STRICT_* group of that size may fit nowhere, and Ray retries it forever.
+        if self.elastic and self.placement_strategy.startswith("STRICT_"):
+            raise ValueError(f"workers {self.workers} (a range) needs placement_strategy PACK or SPREAD, not "
+                             f"{self.placement_strategy}: Ray Train sizes an elastic group by what fits on each node, "
+                             "regardless of the strategy, and would wait forever for a group it cannot place")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(MIN, MAX) workers; the same twice for a count."""
+        return range_of(self.workers)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker group may run at another size than the last time (workers is a range)."""
+        low, high = self.worker_range
+        return low != high
+
+    @property
+    def num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ScalingConfig(num_workers): the count, or (MIN, MAX) for an elastic group."""
+        return self.worker_range if self.elastic else self.worker_range[0]
+
+    @property
+    def world_sizes(self) -> tuple[int, ...]:
+        """Every number of workers the group may run with."""
+        low, high = self.worker_range
+        return tuple(range(low, high + 1))
 
     @property
     def world_size(self) -> int:
-        return self.workers
+        """The most workers the group runs with (MAX)."""
+        return self.worker_range[1]
 
 
 class ClusterConfig(Section):

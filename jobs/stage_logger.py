@@ -55,6 +55,10 @@ class StageLogger:
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self._append({"op": "metrics", "step": int(step or 0), "values": {k: float(v) for k, v in values.items()}})
 
+    def params(self, values: dict[str, str]) -> None:
+        """MLflow params: set once per key (a new key for each new thing, e.g. segment.K.world_size)."""
+        self._append({"op": "params", "values": {k: str(v) for k, v in values.items()}})
+
     def tags(self, values: dict[str, str]) -> None:
         self._append({"op": "tags", "values": {k: str(v) for k, v in values.items()}})
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from filipctl.backends import ray_jobs
 from filipctl.backends.base import JobHandle, JobRequest
 from filipctl.backends.local import LocalBackend
-from filipctl.backends.ray_placement import describe_nodes, unplaceable
+from filipctl.backends.ray_placement import describe_nodes, placeable, unplaceable
 from filipctl.contract import worker_args
 from filipctl.errors import CannotRun, FilipctlError
 from filipctl.schema import RayProfile
@@ -45,28 +45,52 @@ def probe_address(address: str, timeout_s: float) -> str | None:
         return f"nothing answers at {url.hostname}:{url.port} ({exc.strerror or exc})"
 
 
+def worker_bundle(profile: RayProfile) -> dict[str, float]:
+    """What each worker reserves: resources_per_worker, and one GPU when use_gpu (Ray Train's default)."""
+    each = dict(profile.resources_per_worker)
+    if profile.use_gpu:
+        each.setdefault("GPU", 1.0)
+    return each
+
+
 def missing_resources(profile: RayProfile,
                       available: Mapping[str, float] | Sequence[Mapping[str, float]]) -> str | None:
-    """None if the cluster can hold every worker at once, else what is short.
+    """None if the cluster can hold the workers at once (for a range MIN-MAX: MIN of them), else what is short.
 
     `available`: each node's total resources (what `ray_driver --probe` prints), or one mapping for a one-node
     cluster. The totals first, then the workers' bundles on each node under `placement_strategy`."""
     nodes = [available] if isinstance(available, Mapping) else list(available)
-    each = dict(profile.resources_per_worker)
-    if profile.use_gpu:  # Ray Train's default: one GPU per worker
-        each.setdefault("GPU", 1.0)
-    need = {k: v * profile.workers for k, v in each.items()}
+    each = worker_bundle(profile)
+    low, high = profile.worker_range
+    need = {k: v * low for k, v in each.items()}
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
     short = {k: (v, total[k]) for k, v in need.items() if v > total[k]}
-    workers = f"{profile.workers} worker{'s' * (profile.workers != 1)} x {each}"
+    # An elastic group needs room for its least: Ray Train starts it with as many as the nodes hold, up to MAX.
+    workers = (f"{profile.workers} workers x {each} (at least {low})" if profile.elastic
+               else f"{low} worker{'s' * (low != 1)} x {each}")
+    # (For a range, the totals short: how many the nodes hold; placed node by node, `why` says it already.)
+    held = f"; the nodes hold {placeable(each, high, nodes, profile.placement_strategy)}" if profile.elastic else ""
     if short:
         what = ", ".join(f"{k}: needs {v:g}, has {have:g}" for k, (v, have) in short.items())
-        return f"{workers} do not fit the Ray cluster ({what})"
-    why = unplaceable(each, profile.workers, nodes, profile.placement_strategy)
+        return f"{workers} do not fit the Ray cluster ({what}{held})"
+    why = unplaceable(each, low, nodes, profile.placement_strategy)
     if why is None:
         return None
     return (f"{workers} cannot be placed on the Ray cluster's {len(nodes)} node{'s' * (len(nodes) != 1)} with "
-            f"placement_strategy {profile.placement_strategy}: {why} (nodes: {describe_nodes(nodes, list(each))})")
+            f"placement_strategy {profile.placement_strategy}: {why} "
+            f"(nodes: {describe_nodes(nodes, list(each))})")
+
+
+def placement_note(profile: RayProfile, available: Mapping[str, float] | Sequence[Mapping[str, float]]) -> str:
+    """For an elastic group the cluster can start: how many workers of its range the nodes hold now ("" otherwise)."""
+    if not profile.elastic:
+        return ""
+    nodes = [available] if isinstance(available, Mapping) else list(available)
+    low, high = profile.worker_range
+    n = placeable(worker_bundle(profile), high, nodes, profile.placement_strategy)
+    later = "" if n >= high else f" (more join when the nodes hold them: checked every {profile.resize_interval_s:g} s)"
+    nodes_hold = f"{len(nodes)} nodes hold" if len(nodes) != 1 else "1 node holds"
+    return f"workers {profile.workers}: the Ray cluster's {nodes_hold} {n}{later}"
 
 
 class RayBackend(LocalBackend):

@@ -18,10 +18,12 @@ import json
 import os
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filipctl.backends.ray import missing_resources, probe_address
+from filipctl.backends.ray import missing_resources, placement_note, probe_address
 from filipctl.backends.ray_jobs import is_jobs_address
 from filipctl.contract import (ENV_RANK_CPUS, TAG_RAY_RUN, TAG_RAY_STORAGE, JobError, RunDir, exit_status,
                                forwarded_env, read_recipe, write_error_record)
@@ -32,41 +34,53 @@ from filipctl.orchestration.stages import Stage, find_stage
 class RayCheckpoints:
     """CheckpointStore for Ray Train: every rank saves its shards to a temp dir and reports it.
 
-    `restart`: which restart of the worker group this is (FailureConfig; 0 = the first attempt), recorded on the
-    stage's run when it resumes, as torchrun's restarts are (jobs/train/pretrain.py record_restart)."""
+    `attempt`: which worker group of the Ray Train run this is (a restart after a failure, FailureConfig, or an elastic
+    resize), recorded on the stage's run when it resumes, as torchrun's restarts are (jobs/train/pretrain.py
+    record_restart); None on ranks other than 0."""
 
-    def __init__(self, run_dir: RunDir | None = None, restart: int = 0, max_failures: int = 0) -> None:
-        self.run_dir, self.restart, self.max_failures = run_dir, restart, max_failures
+    def __init__(self, run_dir: RunDir | None = None, attempt: "Attempt | None" = None, max_failures: int = 0) -> None:
+        self.run_dir, self.attempt, self.max_failures = run_dir, attempt, max_failures
 
-    def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
+    def restore(self, engine, global_batch: int):
+        """Ray Train's latest checkpoint into the engine (at whatever size saved it: jobs/train/checkpoints.load_into)
+        -> jobs.train.checkpoints.Restored."""
         import ray.train
 
-        from jobs.train.checkpoints import read_data_state
+        from jobs.train.checkpoints import Restored, load_into
 
         ckpt = ray.train.get_checkpoint()
-        start, source, data_state = 0, "", None
+        restored = Restored()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 tag = (Path(d) / "latest").read_text().strip()
-                engine.load_checkpoint(d, tag=tag)
-                data_state = read_data_state(Path(d) / tag, rank)
-            start, source = int(tag.removeprefix("step")), f"ray checkpoint {ckpt.path} ({tag})"
-        if self.restart and rank == 0:
-            self._record_restart(start)
-        return start, source, data_state
+                restored = load_into(engine, Path(d), tag, global_batch)
+            restored.source = f"ray checkpoint {ckpt.path} ({tag})"
+        if self.attempt is not None and self.attempt.previous is not None and engine.global_rank == 0:
+            self._record_restart(restored.step, self.attempt)
+        return restored
 
-    def _record_restart(self, start: int) -> None:
-        """The log, the events and the stage's run say that Ray restarted the workers, from which step, and why the
-        attempt before failed (tags filipctl.restarts and filipctl.restart.K, metric `restarts` at that step)."""
+    def _record_restart(self, start: int, attempt: "Attempt") -> None:
+        """The log, the events and the stage's run say that Ray restarted the workers, from which step, and why: the
+        attempt before failed, or Ray Train resized an elastic group (tags filipctl.restarts and filipctl.restart.K,
+        metric `restarts` at that step)."""
         from jobs.events import emit
         from jobs.stage_logger import StageLogger
 
-        why = last_failure(self.run_dir) if self.run_dir else None
-        note = f"restart {self.restart} of {self.max_failures} (Ray Train FailureConfig): resuming from step {start}"
-        emit(note + (f"; the attempt before failed: {why}" if why else ""), stage="pretrain", restart=self.restart,
-             resumed_at=start)
+        before = attempt.previous
+        assert before is not None
+        why = last_failure(self.run_dir, since=before.started) if self.run_dir else None
+        if why is None and before.world != attempt.world:  # no error since the last start: Ray grew (or shrank) it
+            why = f"Ray Train resized the elastic worker group from {before.world} to {attempt.world} workers"
+            note = (f"restart {attempt.index} (elastic resize {before.world} -> {attempt.world}): resuming from step "
+                    f"{start}")
+            emit(note, stage="pretrain", restart=attempt.index, resumed_at=start)
+        else:
+            note = (f"restart {attempt.index} of {self.max_failures} (Ray Train FailureConfig): resuming from step "
+                    f"{start}")
+            emit(note + (f"; the attempt before failed: {why}" if why else ""), stage="pretrain",
+                 restart=attempt.index, resumed_at=start)
         logger = StageLogger(True)
-        logger.restart(self.restart, start, why or "no error recorded")
+        logger.restart(attempt.index, start, why or "no error recorded")
         logger.sync()
 
     def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:
@@ -76,13 +90,15 @@ class RayCheckpoints:
 
         with tempfile.TemporaryDirectory(prefix="filip-ckpt-") as tmp:
             write_data_state(Path(tmp) / f"step{step}", engine.global_rank, data_state)
-            engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
+            # The same client state as DirectoryCheckpoints: what a resume checks (global batch, ZeRO stage) is in it.
+            engine.save_checkpoint(tmp, tag=f"step{step}", client_state={**metrics, "step": step})
             # Every worker reports the same number of times; Ray merges their shards into one checkpoint.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def last_failure(run_dir: RunDir) -> str | None:
-    """The newest error record of the stage's workers, as one line naming the rank that wrote it and its host."""
+def last_failure(run_dir: RunDir, since: float = 0.0) -> str | None:
+    """The newest error record of the stage's workers (written after `since`, a time.time()), as one line naming the
+    rank that wrote it and its host."""
     from filipctl.contract import describe_error
 
     records = []
@@ -91,21 +107,38 @@ def last_failure(run_dir: RunDir) -> str | None:
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("time"), (int, float))]
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("time"), (int, float))
+               and r["time"] >= since]
     if not records:
         return None
     newest = max(records, key=lambda r: r["time"])
     return f"{describe_error(newest)} (reported on {newest.get('host', '?')})"
 
 
-def attempt_of(attempts: Path) -> int:
-    """Which attempt of the driver's Ray Train run this worker group is (0 = the first): rank 0 appends a line per
-    attempt to a file the driver emptied when it started the run."""
+@dataclass(frozen=True)
+class Attempt:
+    """One worker group of the driver's Ray Train run: its index (0 = the first), its size, when it started, and the
+    one before it."""
+
+    index: int
+    world: int
+    started: float
+    previous: "Attempt | None" = None
+
+
+def attempt_of(attempts: Path, world: int) -> Attempt:
+    """This worker group's Attempt: rank 0 appends a line "pid world start-time" per group to a file the driver
+    emptied when it started the run."""
+    now = time.time()
     with open(attempts, "a+") as f:
         f.seek(0)
-        before = len(f.read().splitlines())
-        f.write(f"{os.getpid()}\n")
-    return before
+        lines = f.read().splitlines()
+        f.write(f"{os.getpid()} {world} {now}\n")
+    previous = None
+    for index, line in enumerate(lines):
+        _, w, t = (line.split() + ["0", "0"])[:3]  # (a line of an older driver holds the pid alone)
+        previous = Attempt(index, int(w), float(t), previous)
+    return Attempt(len(lines), world, now, previous)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -114,8 +147,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     os.environ.update(config["env"])
     run_dir = RunDir(Path(config["workdir"]))
-    restart = attempt_of(Path(config["attempts"])) if ray.train.get_context().get_world_rank() == 0 else 0
-    store = RayCheckpoints(run_dir, restart, config["max_failures"])
+    context = ray.train.get_context()
+    attempt = attempt_of(Path(config["attempts"]), context.get_world_size()) if context.get_world_rank() == 0 else None
+    store = RayCheckpoints(run_dir, attempt, config["max_failures"])
     try:
         importlib.import_module(config["module"]).run(read_recipe(run_dir), run_dir, store=store)
     except Exception as exc:  # its cause for the CLI (contract.write_error_record), then Ray's own handling
@@ -169,12 +203,16 @@ def recipe_timeout(run_dir: RunDir) -> float:
 
 def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     """A distributed stage as a Ray Train run named after the stage folder, so a rerun finds its checkpoints."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    problem = missing_resources(profile, node_resources())
+    nodes = node_resources()
+    problem = missing_resources(profile, nodes)
     if problem:  # Ray would wait for the resources forever: say so now
         raise JobError(problem)
+    note = placement_note(profile, nodes)
+    if note:
+        print(note, flush=True)
     name = run_dir.root.name  # <stage>-<key> of the stage folder stages/<stage>-<key>/: one Ray Train run per key
     from jobs.stage_logger import StageLogger
 
@@ -182,6 +220,12 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     # Ray Train copies each print() of a worker into its logger as well, which reaches the driver's log beside the
     # worker's own stdout: every line of the job twice. Its stdout alone (Ray hands it on to the controller, workers).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if profile.elastic:
+        # After a lost node Ray Train sizes the new group from a view of the nodes refreshed every 20 s, so it first
+        # asks for the old size, and waits this long for a placement that cannot come before it counts again (60 s by
+        # default; measured on the test cluster: restarted 71 s after the kill with 60, 35 s with 20). The driver's
+        # value reaches Ray Train's controller (one of the variables it propagates); one already set is kept.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
     attempts = run_dir.logs / "ray-attempts"  # counts the worker groups of this run: Ray restarts them (FailureConfig)
     attempts.parent.mkdir(parents=True, exist_ok=True)
     attempts.write_text("")
@@ -190,9 +234,7 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
         train_loop_config={"module": stage.module, "workdir": str(run_dir.root),
                            "env": {**forwarded_env(), ENV_RANK_CPUS: str(profile.resources_per_worker.get("CPU", 1.0))},
                            "attempts": str(attempts), "max_failures": profile.max_failures},
-        scaling_config=ScalingConfig(num_workers=profile.workers, use_gpu=profile.use_gpu,
-                                     resources_per_worker=dict(profile.resources_per_worker),
-                                     placement_strategy=profile.placement_strategy),
+        scaling_config=scaling_config(profile),
         torch_config=TorchConfig(backend="nccl" if profile.use_gpu else "gloo",
                                  timeout_s=int(recipe_timeout(run_dir))),
         run_config=RunConfig(name=name, storage_path=storage(profile),
@@ -202,6 +244,22 @@ def fit(stage: Stage, run_dir: RunDir, profile: RayProfile) -> None:
     if result.error:
         raise JobError(f"Ray Train run {name} failed: {result.error}")
     print(f"ray train run {name}: checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
+
+
+ELASTIC_START_TIMEOUT_S = 20  # how long an elastic group waits for its placement before Ray Train counts again
+
+
+def scaling_config(profile: RayProfile):
+    """Ray Train's ScalingConfig of the profile. A range of workers (MIN, MAX) makes the group elastic (Ray Train V2):
+    it starts with as many as the nodes' resources hold, up to MAX, once at least MIN fit; after a failure it restarts
+    at what fits then; while it runs, every resize_interval_s it restarts larger when more fit. Each start runs the
+    train loop afresh, which continues from the last checkpoint at the new size."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=profile.num_workers, use_gpu=profile.use_gpu,
+                         resources_per_worker=dict(profile.resources_per_worker),
+                         placement_strategy=profile.placement_strategy,
+                         elastic_resize_monitor_interval_s=profile.resize_interval_s)
 
 
 def run_stage(recipe: Recipe, stage: Stage, run_dir: RunDir) -> None:

@@ -30,6 +30,19 @@ def workers_on_node(bundle: Mapping[str, float], node: Mapping[str, float], limi
     return min([limit, *fits])
 
 
+def placeable(bundle: Mapping[str, float], limit: int, nodes: Sequence[Mapping[str, float]], strategy: str) -> int:
+    """How many `bundle`s (up to `limit`) one group can place on `nodes` under `strategy`: what an elastic group
+    (workers: MIN-MAX) could start with on an idle cluster."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown placement strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    each = [workers_on_node(bundle, node, limit) for node in nodes]
+    if strategy == "STRICT_PACK":
+        return max(each, default=0)
+    if strategy == "STRICT_SPREAD":
+        return min(limit, sum(1 for n in each if n >= 1))
+    return min(limit, sum(each))
+
+
 def unplaceable(bundle: Mapping[str, float], workers: int, nodes: Sequence[Mapping[str, float]],
                 strategy: str) -> str | None:
     """None when `workers` bundles can be placed on `nodes` under `strategy`, else why not (one clause)."""

@@ -170,6 +170,25 @@ class SacctWatcher:
                             "checkpoint when the nodes it needs are up", slurm_id, _down_nodes(nodes))
 
 
+def node_range_parameters(p: SlurmProfile) -> tuple[dict[str, object], dict[str, object]]:
+    """submitit's parameters and the extra sbatch options of a pretraining job on a range of nodes (nodes: MIN-MAX).
+
+    sbatch turns --ntasks-per-node into --ntasks=MIN x tasks_per_node at submission (Slurm 22.05), and Slurm then
+    allocates MIN nodes however many are free. So the allocation asks for nodes alone (--nodes=MIN-MAX: as many as
+    are free, up to MAX), each with room for its tasks (--mincpus), and srun starts tasks_per_node tasks on every
+    node it got. submitit is told MIN nodes of one task (its Job object counts those; filipctl never waits on its
+    per-task results, and the sbatch line is the range)."""
+    low, high = p.node_range
+    cpus = p.cpus_per_task or 1
+    srun = [f"--ntasks-per-node={p.tasks_per_node}"]
+    if p.cpus_per_task:  # srun 22.05 does not take it from the allocation
+        srun.append(f"--cpus-per-task={p.cpus_per_task}")
+    sbatch: dict[str, object] = {"nodes": f"{low}-{high}"}
+    if p.tasks_per_node > 1:
+        sbatch["mincpus"] = p.tasks_per_node * cpus
+    return {"nodes": low, "srun_args": srun}, sbatch
+
+
 class SlurmBackend:
     name: ClassVar[str] = "slurm"
     native_dependencies: ClassVar[bool] = True
@@ -208,7 +227,12 @@ class SlurmBackend:
             setup=list(p.setup), additional_parameters=extra,
         )
         if stage.distributed:
-            params.update(nodes=p.nodes, ntasks_per_node=p.tasks_per_node)
+            if p.elastic:
+                shape, sbatch_only = node_range_parameters(p)
+                params.update(shape)
+                extra.update(sbatch_only)
+            else:
+                params.update(nodes=p.nodes, ntasks_per_node=p.tasks_per_node)
             if p.gpus_per_node:
                 params["gpus_per_node"] = p.gpus_per_node
         else:  # data and eval: one task on one node (one GPU when the site has them)

@@ -32,9 +32,12 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         os.environ.update(self.env)
         if self.distributed:
+            from jobs.train.distributed import slurm_env
+
             os.environ.setdefault("MASTER_PORT", str(port_from_job_id(os.environ["SLURM_JOB_ID"])))
-            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node) from SLURM_* variables.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node) from the job step's SLURM_* variables: the tasks
+            # srun started this time, which a node range (nodes: MIN-MAX) makes a count Slurm decides at each start.
+            os.environ.update(slurm_env(os.environ))
         code = importlib.import_module(self.module).main(self.argv)
         if code:
             raise JobFailed(f"{self.module} exited with status {code}")

@@ -11,10 +11,11 @@ from rich.console import Console
 
 from filipctl import tracking
 from filipctl.backends.base import Backend, JobHandle, JobRequest
-from filipctl.errors import FilipctlError
+from filipctl.errors import CannotRun, FilipctlError
 from filipctl.orchestration.graph import Node
 from filipctl.orchestration.shared_storage import check_shared_storage
 from filipctl.schema import Recipe
+from jobs.train.batch_layout import LayoutError, layout_for
 
 
 def _absolute(url: str) -> str:
@@ -45,12 +46,25 @@ def align_to_cluster(recipe: Recipe, console: Console) -> Recipe:
     if recipe.cluster.backend == "local":
         return recipe
     profile = getattr(recipe.cluster, recipe.cluster.backend)
+    train, name = recipe.train, recipe.cluster.name
+    # Every size the job may get (a Slurm node range, a Ray worker range) must split the global batch: refused here,
+    # not when a requeued job lands on a count that does not.
+    sizes = profile.world_sizes
+    for world in sizes:
+        try:
+            layout_for(train.global_batch, train.micro_batch_size, world)
+        except LayoutError as exc:
+            may = f"may run {sizes[0]}-{sizes[-1]} workers, and {world}" if len(sizes) > 1 else f"runs {world} workers"
+            raise CannotRun(f"cluster profile {name} {may}: {exc}") from None
     world = profile.world_size
-    if recipe.train.workers == world:
+    if train.workers == world:
         return recipe
-    console.print(f"note: train.workers {recipe.train.workers} -> {world} (cluster profile {recipe.cluster.name}); "
-                  f"global batch {recipe.train.micro_batch_size * world}", highlight=False, markup=False)
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"workers": world})})
+    layout = layout_for(train.global_batch, train.micro_batch_size, world)
+    console.print(f"note: train.workers {train.workers} -> {world} (cluster profile {name}); global batch "
+                  f"{train.global_batch} = {layout.describe()}" + (f" at {world}, the most the profile asks for"
+                                                                   if len(sizes) > 1 else ""),
+                  highlight=False, markup=False)
+    return recipe.model_copy(update={"train": train.model_copy(update={"workers": world})})
 
 
 def _unwritable(folder: Path) -> str | None:

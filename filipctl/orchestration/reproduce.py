@@ -111,7 +111,17 @@ def diff(a: RunRecord, b: RunRecord) -> dict[str, list[tuple[str, Any, Any]]]:
 
     def world(r: RunRecord) -> dict[str, str]:
         pre = r.stages.get("pretrain")
-        return {k.removeprefix("filipctl."): pre.data.tags.get(k) for k in STAGE_TAGS} if pre else {}
+        if not pre:
+            return {}
+        out = {k.removeprefix("filipctl."): pre.data.tags.get(k) for k in STAGE_TAGS}
+        # A stage continued at other sizes (jobs/train/segments.py): its history, as the params recorded it.
+        params, k, history = pre.data.params, 0, []
+        while f"segment.{k}.world_size" in params:
+            history.append(f"{params[f'segment.{k}.world_size']} from step {params.get(f'segment.{k}.start_step')}")
+            k += 1
+        if len(history) > 1:
+            out["world sizes"] = ", ".join(history)
+        return out
 
     return {
         "recipe": differences(a.params, b.params, NOT_RESULTS),

@@ -37,8 +37,11 @@ READS: dict[str, tuple[str, ...]] = {
 # The recipe values no stage reads: they say where and how stages run and are tracked, not what they compute.
 # A path below one in READS is taken out of it: changing how many checkpoints are kept must not start the
 # stage over in a new folder.
-UNREAD: tuple[str, ...] = ("description", "output_dir", "tracking", "cluster", "ablation", "train.keep_checkpoints",
-                           "train.keep_checkpoint_steps", "train.max_restarts", "train.collective_timeout_s")
+# train.workers too: the global batch (train.global_batch) is what pretraining computes with, and a run continued on
+# another number of workers is the same stage (jobs/train/batch_layout.py).
+UNREAD: tuple[str, ...] = ("description", "output_dir", "tracking", "cluster", "ablation", "train.workers",
+                           "train.keep_checkpoints", "train.keep_checkpoint_steps", "train.max_restarts",
+                           "train.collective_timeout_s")
 
 # This repository's packages; any other import is third-party (recorded with the environment, not hashed here).
 LOCAL_PACKAGES: tuple[str, ...] = ("filipctl", "jobs", "models")

@@ -41,7 +41,10 @@ def _slurm(recipe: Recipe, stage: Stage) -> str:
     if not stage.distributed:
         return f"Slurm: 1 task on 1 node of {where}"
     gpus = f", {p.gpus_per_node} GPUs each" if p.gpus_per_node else ""
-    return (f"Slurm: {p.nodes} node(s) x {p.tasks_per_node} task(s){gpus} of {where}, chosen by Slurm; rendezvous "
+    sizes = p.world_sizes
+    chosen = (f"chosen by Slurm, as many as are free when the job starts (again after a requeue): {sizes[0]} to "
+              f"{sizes[-1]} workers" if p.elastic else "chosen by Slurm")
+    return (f"Slurm: {p.nodes} node(s) x {p.tasks_per_node} task(s){gpus} of {where}, {chosen}; rendezvous "
             "the first node of the allocation (SLURM_JOB_NODELIST), port 20000 + job id mod 12000 (the same on "
             "every requeue; jobs running at once differ unless their ids are 12000 apart)")
 
@@ -56,7 +59,9 @@ def _ray(recipe: Recipe, stage: Stage) -> str:
     if p.use_gpu:
         each.setdefault("GPU", 1.0)
     strategy = p.placement_strategy
-    return (f"Ray Train: {p.workers} workers x {each} in one placement group ({strategy}) on {cluster}; "
+    elastic = (f" (elastic: as many as the nodes hold at each start and restart, grown when more fit, checked every "
+               f"{p.resize_interval_s:g} s)" if p.elastic else "")
+    return (f"Ray Train: {p.workers} workers x {each} in one placement group ({strategy}){elastic} on {cluster}; "
             "rendezvous the rank-0 worker's node, chosen by Ray Train")
 
 

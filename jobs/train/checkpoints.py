@@ -19,13 +19,14 @@ import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from filipctl.contract import JobError, write_atomic
 from jobs.train.checkpoint_files import (LATEST, MANIFEST, TMP_SUFFIX, CheckpointDamaged, build_manifest,
-                                         checkpoint_bytes, checkpoint_problem, latest_step, step_folders,
-                                         steps_to_delete)
+                                         checkpoint_bytes, checkpoint_problem, global_batch_mismatch, latest_step,
+                                         one_line, saved_global_batch, step_folders, steps_to_delete)
 from jobs.train.save_failures import GuardedWrites, WriteFailure, free_bytes, mount_of, save_failure_message
 
 
@@ -39,15 +40,47 @@ def write_data_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
     data_state_file(folder, rank).write_text(json.dumps(state))
 
 
-def read_data_state(folder: Path, rank: int) -> dict[str, Any] | None:
-    path = data_state_file(folder, rank)
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_data_states(folder: Path) -> list[dict[str, Any]]:
+    """The loader positions every rank of the run that saved `folder` recorded, in rank order (whatever the world
+    size then: the loader deals them to this run's ranks)."""
+    found = {int(p.stem.removeprefix("data_rank")): p for p in folder.glob("data_rank*.json")
+             if p.stem.removeprefix("data_rank").isdigit()}
+    return [json.loads(found[r].read_text()) for r in sorted(found)]
+
+
+@dataclass
+class Restored:
+    """What a resume found: the step, where it came from, every old rank's data position, the world size and
+    DeepSpeed client state it was saved with. step 0: nothing to resume from."""
+
+    step: int = 0
+    source: str = ""
+    data_states: list[dict[str, Any]] = field(default_factory=list)
+    saved_world: int = 0
+    client_state: dict[str, Any] = field(default_factory=dict)
+
+
+def load_into(engine, root: Path, tag: str, global_batch: int) -> Restored:
+    """Every rank: the checkpoint `root/tag` into the engine at this run's world size (DeepSpeed's own load at the
+    size that saved it, re-partitioned from the saved ranks' files at another: jobs/train/reshard.py). A checkpoint
+    of another global batch, model or ZeRO stage: a JobError names the difference before anything is loaded."""
+    from jobs.train.reshard import load_resharded, saved_world
+
+    folder = root / tag
+    try:
+        problem = global_batch_mismatch(folder, saved_global_batch(folder), global_batch)
+        world = saved_world(folder)
+    except (OSError, CheckpointDamaged, RuntimeError, ValueError, KeyError) as exc:
+        raise JobError(f"cannot resume from {folder}: {one_line(exc)}") from None
+    if problem:
+        raise JobError(problem)
+    client = load_resharded(engine, root, tag)
+    return Restored(int(tag.removeprefix("step")), str(folder), read_data_states(folder), world, dict(client or {}))
 
 
 class CheckpointStore(Protocol):
-    def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
-        """Load the newest checkpoint into the engine -> (its step, where it came from, this rank's data
-        position); (0, "", None) if there is none."""
+    def restore(self, engine, global_batch: int) -> Restored:
+        """Load the newest checkpoint into the engine (every rank calls this; see load_into)."""
 
     def save(self, engine, step: int, metrics: dict[str, Any], data_state: dict[str, Any]) -> None:
         """Save the engine's state and this rank's data position at `step` (every rank calls this)."""
@@ -88,17 +121,17 @@ class DirectoryCheckpoints:
         return latest_step(self.root)
 
     # -- resume ------------------------------------------------------------------------------------------
-    def restore(self, engine, rank: int) -> tuple[int, str, dict[str, Any] | None]:
+    def restore(self, engine, global_batch: int) -> Restored:
         tag = ""
-        if rank == 0:
+        if engine.global_rank == 0:
             self._remove_unfinished()
             tag = self._newest_usable()
         tag = _from_rank0(tag)  # every rank loads the checkpoint rank 0 verified
         if not tag:
-            return 0, "", None
-        engine.load_checkpoint(str(self.root), tag=tag)
-        self.resumed_from = int(tag.removeprefix("step"))
-        return self.resumed_from, f"{self.root}/{tag}", read_data_state(self.root / tag, rank)
+            return Restored()
+        restored = load_into(engine, self.root, tag, global_batch)
+        self.resumed_from = restored.step
+        return restored
 
     def _newest_usable(self) -> str:
         """Rank 0: the newest checkpoint that verifies ("" when none does), naming each one passed over."""
@@ -138,7 +171,8 @@ class DirectoryCheckpoints:
             # Before save_checkpoint's first barrier, which no rank writes before.
             self._remove_unfinished()
         with GuardedWrites(engine, rank, self.root) as guard:
-            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={**metrics, "step": step},
+                                   save_latest=False)
             guard.call(write_data_state, tmp, rank, data_state)
         failures = [f for f in _from_every_rank(guard.failure) if f is not None]
         message = None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,6 +67,43 @@ def init_distributed(collective_timeout_s: float = 600.0) -> DistInfo:
         torch.set_num_threads(rank_threads())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group,
                     collective_timeout_s if owns_group else None)
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_ADDR (the first node) from the
+    variables of the Slurm job step this task runs in (srun's SLURM_STEP_*, else the job's). The world is the tasks
+    srun started, whatever the job asked for: with a node range (cluster.slurm.nodes MIN-MAX) Slurm decides the count
+    at each start, a requeued job may get fewer nodes than before. MASTER_PORT is the caller's to choose."""
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not (world and nodes and "SLURM_PROCID" in env):
+        raise JobError("not inside a Slurm job step: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) and "
+                       "SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) are not all set; start the tasks with srun")
+    node = int(env.get("SLURM_NODEID", "0"))
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+    num_nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    local_world = per_node[node] if node < len(per_node) else int(world) // max(1, num_nodes)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": first_host(nodes)}
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed task counts per node ("2(x3),1") -> [2, 2, 2, 1]; [] for ""."""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "filip-n[1-2]" -> "filip-n1", "gpu[007-9,12]-ib,cpu1" -> "gpu007-ib"
+    (scontrol show hostnames without calling it: the rank-0 task runs on the first node of its step)."""
+    first = re.match(r"(?:[^,\[]+|\[[^\]]*\])+", nodelist.strip())
+    text = first.group(0) if first else nodelist
+    return re.sub(r"\[([^],-]+)[^]]*\]", r"\1", text)
 
 
 def rank_threads() -> int:

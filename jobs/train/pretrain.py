@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 -m jobs.train.pretrain --workdir DIR
 
-DeepSpeed ZeRO (stage from the recipe) wraps the model and timm's LAMB; the loss object
+DeepSpeed ZeRO (stage from the recipe) wraps the model and LAMB (jobs/train/lamb.py); the loss object
 (models.loss.FilipLoss) scores each rank's local pairs against the gathered global batch.
 Checkpoints go to DIR/checkpoints every `train.checkpoint_every` steps and a rerun resumes from
 the latest; the final weights are written to DIR/model.pt as a consolidated fp32 state_dict.
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from filipctl.contract import JobError, RunDir, file_sha256, first_error, job_main, write_result
+from filipctl.contract import ENV_STOP_AT_STEP, JobError, RunDir, file_sha256, first_error, job_main, write_result
 from filipctl.schema import Recipe
 from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.data.index import load_index
@@ -31,23 +32,28 @@ from jobs.train.heartbeat import Heartbeat
 from jobs.events import emit
 from jobs.data.loader import TrainBatches, sources_of
 from jobs.stage_logger import StageLogger
+from jobs.train.batch_layout import BatchLayout, LayoutError, layout_for
+from jobs.train.lamb import attach_layout
 from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
+from jobs.train.segments import record_segment, segment_params
+from models.accumulation import cached_gradients, surrogate
 from models.filip import build_model
 from models.loss import FilipLoss
 from models.precision import DTYPES
 
 
-def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, layout: BatchLayout) -> dict[str, Any]:
     train, optim = recipe.train, recipe.optim
     return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": layout.micro,
+        "gradient_accumulation_steps": layout.accumulation,
+        "train_batch_size": layout.global_batch,
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
         "gradient_clipping": optim.grad_clip,
-        # timm's LAMB is a client optimizer DeepSpeed has not certified for ZeRO; it works (recipes/smoke.yaml
-        # trains with it under ZeRO-2, and so do the runs of docs/filip-faithfulness.md section 6).
+        # LAMB is a client optimizer DeepSpeed has not certified for ZeRO; it works, with its trust ratio taken per
+        # parameter across ZeRO's partitions (jobs/train/lamb.py attach_layout).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -74,6 +80,19 @@ def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
     logger.restart(restarts, start, cause)  # the cause names the lost node, when Slurm's accounting says
 
 
+def record_world_size(info: DistInfo, logger: StageLogger, run_dir: RunDir, start: int, layout: BatchLayout) -> None:
+    """Rank 0: a job at another world size than the last one opens a segment (jobs/train/segments.py): in the
+    stage folder, as MLflow params segment.K.*, and in the log with the step it continues from."""
+    before, segment = record_segment(run_dir.root, start, layout)
+    if segment is None:
+        return
+    logger.params(segment_params(segment))
+    if before is not None:
+        _log(info, f"world size {before['world_size']} -> {layout.world} from step {start}: global batch "
+                   f"{layout.global_batch} = {layout.describe()} (was {before['layout']})",
+             world_size=layout.world, previous_world_size=before["world_size"], resumed_at=start)
+
+
 def refuse_pointless_restart(run_dir: RunDir) -> None:
     """In a group torchrun restarted: when the last attempt failed with the user's error (a JobError), which a
     restart only repeats, fail with it at once instead of training up to it again."""
@@ -84,7 +103,15 @@ def refuse_pointless_restart(run_dir: RunDir) -> None:
         raise JobError(previous["message"])
 
 
-def build_engine(recipe: Recipe, info: DistInfo):
+def batch_layout(recipe: Recipe, world_size: int) -> BatchLayout:
+    """The recipe's global batch over the workers this job got; one line when it does not split."""
+    try:
+        return layout_for(recipe.train.global_batch, recipe.train.micro_batch_size, world_size)
+    except LayoutError as exc:
+        raise JobError(f"this job has {world_size} workers: {exc}") from None
+
+
+def build_engine(recipe: Recipe, layout: BatchLayout):
     """Model, LAMB and the warmup-cosine schedule inside a DeepSpeed engine -> (engine, scheduler)."""
     import deepspeed
 
@@ -92,11 +119,11 @@ def build_engine(recipe: Recipe, info: DistInfo):
     model = build_model(recipe.model)
     if recipe.train.gradient_checkpointing:
         model.set_grad_checkpointing(True)
-    global_batch = recipe.train.micro_batch_size * info.world_size
-    optimizer = build_optimizer(model, recipe.optim, global_batch)
+    optimizer = build_optimizer(model, recipe.optim, layout.global_batch)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(recipe))
+                                                   config=deepspeed_config(recipe, layout))
+    attach_layout(engine)  # LAMB's trust ratio per parameter, across ZeRO's flat partitions (jobs/train/lamb.py)
     return engine, scheduler
 
 
@@ -180,26 +207,51 @@ def save_model(state: dict[str, torch.Tensor], run_dir: RunDir) -> None:
     tmp.replace(run_dir.model)  # never leave a half-written model.pt
 
 
-def train_steps(recipe: Recipe, info: DistInfo, engine, scheduler, batches: TrainBatches, loss_fn: FilipLoss,
-                store: CheckpointStore, start: int, log: TrainLog, heartbeat: Heartbeat) -> None:
-    """The loop: forward, loss over the global batch, backward, step; log and checkpoint on schedule."""
-    steps, dtype = recipe.train.steps, DTYPES[recipe.train.precision]
-    engine.train()
-    for step in range(start, steps):
-        images, ids = next(batches)
-        t_step = time.perf_counter()
-        features, scale = engine(images.to(info.device, dtype), ids.to(info.device))
+def one_step(engine, loss_fn: FilipLoss, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One optimizer step over this rank's micro-batches -> (loss, scale). One micro-batch: forward, loss over the
+    global batch, backward. Several: exact accumulation (models/accumulation.py), so that the loss still contrasts
+    the whole global batch: cached forwards, the loss once, then a forward and backward per micro-batch."""
+    if len(micro_batches) == 1:
+        features, scale = engine(*micro_batches[0])
         loss = loss_fn(features, scale)
         engine.backward(loss)
         engine.step()
-        log.add(loss.detach().float().item(), time.perf_counter() - t_step)  # data loading excluded
+        return loss.detach(), scale
+    with torch.no_grad():
+        cached = [engine(images, ids) for images, ids in micro_batches]
+    loss, grads, scale_grad = cached_gradients(loss_fn, [f for f, _ in cached], cached[0][1])
+    for a, (images, ids) in enumerate(micro_batches):
+        features, scale = engine(images, ids)
+        # The loss holds the temperature once: its gradient goes in with the first micro-batch only.
+        engine.backward(surrogate(features, grads[a], scale, scale_grad if a == 0 else None), scale_wrt_gas=False)
+        engine.step()  # DeepSpeed steps the optimizer after the last micro-batch (gradient_accumulation_steps)
+    return loss, scale
+
+
+def train_steps(recipe: Recipe, info: DistInfo, layout: BatchLayout, engine, scheduler, batches: TrainBatches,
+                loss_fn: FilipLoss, store: CheckpointStore, start: int, log: TrainLog, heartbeat: Heartbeat) -> None:
+    """The loop: this rank's micro-batches, loss over the global batch, backward, step; log and checkpoint on
+    schedule; stop after a checkpoint when FILIPCTL_STOP_AT_STEP says so (scripts and benchmarks that continue a
+    run at another size)."""
+    steps, dtype = recipe.train.steps, DTYPES[recipe.train.precision]
+    stop_at = int(os.environ.get(ENV_STOP_AT_STEP, "0") or 0)
+    engine.train()
+    for step in range(start, steps):
+        micro = [next(batches) for _ in range(layout.accumulation)]
+        t_step = time.perf_counter()
+        loss, scale = one_step(engine, loss_fn, [(i.to(info.device, dtype), t.to(info.device)) for i, t in micro])
+        log.add(loss.float().item(), time.perf_counter() - t_step)  # data loading excluded
         done = step + 1
         heartbeat.beat(done)  # which rank stopped, should a collective time out (heartbeat.py)
         if done % recipe.train.log_every == 0 or done == steps:
             log.flush(done, scheduler.get_last_lr()[0], scale, batches)
         if done % recipe.train.checkpoint_every == 0 or done == steps:
-            store.save(engine, done, {"step": done, "loss": log.last_loss}, batches.state())
+            store.save(engine, done, {"step": done, "loss": log.last_loss, "global_batch": layout.global_batch},
+                       batches.state())
             log.logger.sync()  # what was logged up to a checkpoint is as durable as the checkpoint
+            if done == stop_at and done < steps:
+                raise JobError(f"stopped after the checkpoint of step {done} ({ENV_STOP_AT_STEP}); run again to "
+                               "continue, on any number of workers that splits the global batch")
 
 
 def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -> dict[str, float]:
@@ -219,22 +271,24 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
              heartbeat: Heartbeat) -> dict[str, float]:
     cfg = recipe.train
     store = store or DirectoryCheckpoints(run_dir.checkpoints, cfg.keep_checkpoints, cfg.keep_checkpoint_steps)
-    if info.world_size != cfg.workers:
-        _log(info, f"note: recipe asks for {cfg.workers} workers, running on {info.world_size}")
-    engine, scheduler = build_engine(recipe, info)
-    start, source, data_state = store.restore(engine, info.rank)
+    layout = batch_layout(recipe, info.world_size)
+    engine, scheduler = build_engine(recipe, layout)
+    restored = store.restore(engine, layout.global_batch)
+    start = restored.step
     if start:
-        _log(info, f"resumed from {source}" + ("" if data_state else "; it holds no data position, so the "
-                                                "data restarts from the first epoch"))
-    global_batch = cfg.micro_batch_size * info.world_size
+        _log(info, f"resumed from {restored.source}" + (
+            f" (saved by {restored.saved_world} workers, re-partitioned for {info.world_size})"
+            if restored.saved_world != info.world_size else "")
+            + ("" if restored.data_states else "; it holds no data position, so the data restarts from the first "
+                                               "epoch"))
     try:
-        batches = TrainBatches(recipe, sources_of(load_index(run_dir.input("data"))), info.rank, info.world_size,
-                               data_state)
+        batches = TrainBatches(recipe, sources_of(load_index(run_dir.input("data"))), info.rank, layout,
+                               restored.data_states or None, start)
     except ValueError as exc:
         raise JobError(f"cannot resume the data where the checkpoint left it: {exc}; rerun with --fresh") from None
     loss_fn = FilipLoss.from_config(recipe.model)
     logger = StageLogger(info.is_main)
-    first = {"peak_lr": peak_lr(recipe.optim.base_lr, global_batch), "global_batch": global_batch}
+    first = {"peak_lr": peak_lr(recipe.optim.base_lr, layout.global_batch), "global_batch": layout.global_batch}
     if info.is_main and not start:
         logger.metrics(first)
     hosts = rank_hosts(info)
@@ -245,19 +299,19 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
         logger.tags({"filipctl.world_size": str(info.world_size), "filipctl.torch_threads": str(torch.get_num_threads()),
                      "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
                      "filipctl.device": str(info.device)})
-        logger.text(json.dumps(deepspeed_config(recipe), indent=1), "deepspeed_config.json")
-    _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {global_batch} "
-               f"({info.world_size} x {cfg.micro_batch_size}), ZeRO-{cfg.zero_stage}, {cfg.precision}, "
-               f"{loss_fn.describe()}")
+        logger.text(json.dumps(deepspeed_config(recipe, layout), indent=1), "deepspeed_config.json")
+        record_world_size(info, logger, run_dir, start, layout)
+    _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {layout.global_batch} "
+               f"({layout.describe()}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {loss_fn.describe()}")
     if len(set(hosts)) > 1:
         _log(info, f"ranks on {len(set(hosts))} nodes: " + ", ".join(f"{r}={h}" for r, h in enumerate(hosts))
              + f"; rendezvous {rendezvous() or 'by the launcher'}")
     record_restart(info, logger, start)
-    log = TrainLog(cfg.steps, global_batch, recipe.data.max_bad_fraction, logger, info,
+    log = TrainLog(cfg.steps, layout.global_batch, recipe.data.max_bad_fraction, logger, info,
                    logged_until=logger.last_step("loss") if start else 0)
     t_start = time.perf_counter()
     heartbeat.beat(start)
-    train_steps(recipe, info, engine, scheduler, batches, loss_fn, store, start, log, heartbeat)
+    train_steps(recipe, info, layout, engine, scheduler, batches, loss_fn, store, start, log, heartbeat)
 
     state = final_weights(engine, info)
     result = {"final_loss": log.last_loss, "train_time_s": time.perf_counter() - t_start,
