@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.train.batch_layout import layout_for
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from jobs.train.batch_layout import layout_for  # noqa: E402 (after the path)
 
 CONFIGS = [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]  # (world size, loader workers per rank)
 MB = 1e6

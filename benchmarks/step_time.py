@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from filipctl.contract import JOB_ENV, RunDir, free_port, read_result, worker_args  # noqa: E402
 from filipctl.recipes import load_recipe, recipe_to_dict  # noqa: E402
+from jobs.train.batch_layout import layout_for  # noqa: E402
 
 SETTINGS = [
     ("global (CLIP)", ["model.interaction=global"]),
@@ -60,7 +61,8 @@ def main() -> None:
         print(f"{name}: {result['compute_step_s']:.3f} s/step", file=sys.stderr, flush=True)
     base = rows[0][1]
     r = load_recipe(args.recipe, common)
-    print(f"{r.name} towers, local batch {r.train.micro_batch_size} x {args.workers} workers, {args.steps} steps, "
+    layout = layout_for(r.train.global_batch, r.train.micro_batch_size, args.workers)
+    print(f"{r.name} towers, global batch {r.train.global_batch} = {layout.describe()}, {args.steps} steps, "
           f"ZeRO-{r.train.zero_stage}, {r.train.precision}\n")
     print("| loss | s / step | vs global |")
     print("|---|---|---|")

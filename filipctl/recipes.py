@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from filipctl.errors import RecipeError
-from filipctl.schema import Recipe, apply_overrides
+from filipctl.schema import Recipe, TrainConfig, apply_overrides
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -206,6 +206,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     """
     path = Path(path)
     data = _load_chain(path)
+    # The global batch as the recipe implies it, before --set or a profile changes the number of workers.
+    data["train"] = TrainConfig.with_global_batch(data.get("train") or {})
     profile: Path | None = None
     if cluster:
         section, profile = _cluster_section(cluster)

@@ -255,24 +255,38 @@ class TrainConfig(Section):
                                         "waiting longer than this fails the job naming the rank that stopped (a hung "
                                         "or dead worker).")
 
+    @classmethod
+    def with_global_batch(cls, data: Any) -> Any:
+        """A train section whose null global_batch is resolved to micro_batch_size x workers as it says (defaults
+        included). The recipe loader calls it before --set and the cluster profile, so that a run moved to another
+        number of workers keeps the global batch its recipe implies."""
+        if not isinstance(data, dict) or data.get("global_batch") is not None:
+            return data
+
+        def count(value: Any) -> int | None:
+            if isinstance(value, bool):
+                return None
+            if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+                return int(value)
+            return None
+
+        mb = count(data.get("micro_batch_size", cls.model_fields["micro_batch_size"].default))
+        workers = count(data.get("workers", cls.model_fields["workers"].default))
+        return {**data, "global_batch": mb * workers} if mb and workers else data
+
     @model_validator(mode="before")
     @classmethod
     def _resolve_global_batch(cls, data: Any) -> Any:
-        """null global_batch = micro_batch_size x workers as written: resolved once, so that a run moved to another
-        number of workers later keeps it."""
-        if isinstance(data, dict) and data.get("global_batch") is None:
-            mb, workers = data.get("micro_batch_size", 32), data.get("workers", 2)
-            if isinstance(mb, int) and isinstance(workers, int) and not isinstance(mb, bool) \
-                    and not isinstance(workers, bool):
-                data = {**data, "global_batch": mb * workers}
-        return data
+        return cls.with_global_batch(data)
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainConfig":
         from jobs.train.batch_layout import LayoutError, layout_for
 
+        if self.global_batch is None:
+            raise ValueError("global_batch: give a number of pairs per step, or micro_batch_size and workers")
         try:
-            layout_for(self.global_batch or 0, self.micro_batch_size, self.workers)
+            layout_for(self.global_batch, self.micro_batch_size, self.workers)
         except LayoutError as exc:
             raise ValueError(str(exc)) from None
         return self

@@ -32,15 +32,20 @@ def as_leaves(features: Features) -> Features:
 
 
 def cached_gradients(loss_fn: Callable[[Sequence[Features], Tensor], Tensor], parts: Sequence[Features],
-                     scale: Tensor) -> tuple[Tensor, list[dict[str, Tensor | None]], Tensor | None]:
-    """Step 2: the loss over all micro-batches' features -> (loss, per micro-batch {field: dL/dfield}, dL/dscale).
+                     scale: Tensor, loss_scale: float = 1.0) -> tuple[Tensor, list[dict[str, Tensor | None]], Tensor | None]:
+    """Step 2: the loss over all micro-batches' features -> (loss, per micro-batch {field: dL/dfield}, dL/dscale),
+    the gradients in fp32.
 
-    `loss_fn(parts, scale)` is the loss over the concatenated parts (models.loss.FilipLoss takes a list)."""
+    `loss_fn(parts, scale)` is the loss over the concatenated parts (models.loss.FilipLoss takes a list).
+    `loss_scale`: fp16's loss scale, applied before the backward (gradients of about 1/global batch per element
+    would underflow in fp16 otherwise) and taken off again in fp32."""
     leaves = [as_leaves(p) for p in parts]
     scale_leaf = scale.detach().requires_grad_()
     loss = loss_fn(leaves, scale_leaf)
     inputs = [getattr(leaf, name) for leaf in leaves for name in FLOAT_FIELDS] + [scale_leaf]
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # unused: the pooled vectors under late interaction
+    # unused inputs: the pooled vectors under late interaction
+    grads = [None if g is None else g.float() / loss_scale
+             for g in torch.autograd.grad(loss * loss_scale, inputs, allow_unused=True)]
     per_part = [dict(zip(FLOAT_FIELDS, grads[i * len(FLOAT_FIELDS):(i + 1) * len(FLOAT_FIELDS)]))
                 for i in range(len(parts))]
     return loss.detach(), per_part, grads[-1]
@@ -55,8 +60,9 @@ def surrogate(features: Features, grads: dict[str, Tensor | None], scale: Tensor
         g = grads.get(name)
         if g is not None:
             total = total + (getattr(features, name).float() * g.float()).sum()
-    if scale_grad is not None:
-        total = total + (scale.float() * scale_grad.float()).sum()
+    # The scale takes part every time (with a zero weight but once): gradient reaching an output of the forward is
+    # what runs DeepSpeed's backward prologue for each micro-batch.
+    total = total + (scale.float() * (scale_grad.float() if scale_grad is not None else 0.0)).sum()
     return total
 
 

@@ -65,30 +65,32 @@ class BatchLayout:
         return f"{self.world} x {self.micro}"
 
 
+def splits(global_batch: int, micro_batch_size: int, world: int) -> bool:
+    """Whether `world` workers split the global batch evenly (its micro-batches a multiple of them, or each shared
+    by a whole number of them)."""
+    if global_batch <= 0 or micro_batch_size <= 0 or world <= 0 or global_batch % micro_batch_size:
+        return False
+    slots = global_batch // micro_batch_size
+    if world <= slots:
+        return slots % world == 0
+    return world % slots == 0 and micro_batch_size % (world // slots) == 0
+
+
 def usable_worlds(global_batch: int, micro_batch_size: int, up_to: int) -> list[int]:
     """The world sizes <= up_to over which the global batch splits evenly."""
-    out = []
-    for w in range(1, up_to + 1):
-        try:
-            layout_for(global_batch, micro_batch_size, w)
-        except LayoutError:
-            continue
-        out.append(w)
-    return out
+    return [w for w in range(1, up_to + 1) if splits(global_batch, micro_batch_size, w)]
 
 
 def layout_for(global_batch: int, micro_batch_size: int, world: int) -> BatchLayout:
     """The split of the global batch over `world` workers; LayoutError (one line, with the usable sizes) when none
     is even."""
-    if global_batch % micro_batch_size:
+    if global_batch <= 0 or micro_batch_size <= 0 or global_batch % micro_batch_size:
         raise LayoutError(f"train.global_batch {global_batch} is not a multiple of train.micro_batch_size "
                           f"{micro_batch_size}")
+    if splits(global_batch, micro_batch_size, world):
+        return BatchLayout(global_batch, micro_batch_size, world)
     slots = global_batch // micro_batch_size
-    if world <= slots and slots % world == 0:
-        return BatchLayout(global_batch, micro_batch_size, world)
-    if world > slots and world % slots == 0 and micro_batch_size % (world // slots) == 0:
-        return BatchLayout(global_batch, micro_batch_size, world)
-    sizes = usable_worlds(global_batch, micro_batch_size, max(2 * world, slots))
+    sizes = usable_worlds(global_batch, micro_batch_size, max(2 * slots, world))
     raise LayoutError(
         f"global batch {global_batch} (train.global_batch) does not split evenly over {world} workers in "
         f"micro-batches of at most {micro_batch_size} (train.micro_batch_size): run on "

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from jobs.stage_logger import StageLogger
 from jobs.train.batch_layout import BatchLayout, LayoutError, layout_for
 from jobs.train.lamb import attach_layout
 from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
-from jobs.train.segments import record_segment, segment_params
+from jobs.train.segments import commit_segment, next_segment, read_segments, segment_params
 from models.accumulation import cached_gradients, surrogate
 from models.filip import build_model
 from models.loss import FilipLoss
@@ -80,24 +80,34 @@ def record_restart(info: DistInfo, logger: StageLogger, start: int) -> None:
     logger.restart(restarts, start, cause)  # the cause names the lost node, when Slurm's accounting says
 
 
-def record_world_size(info: DistInfo, logger: StageLogger, run_dir: RunDir, start: int, layout: BatchLayout) -> None:
-    """Rank 0: a job at another world size than the last one opens a segment (jobs/train/segments.py): in the
-    stage folder, as MLflow params segment.K.*, and in the log with the step it continues from."""
-    before, segment = record_segment(run_dir.root, start, layout)
-    if segment is None:
-        return
-    logger.params(segment_params(segment))
-    if before is not None:
+def open_segment(info: DistInfo, run_dir: RunDir, start: int, layout: BatchLayout) -> dict[str, Any] | None:
+    """Rank 0: the segment (jobs/train/segments.py) a job at another world size than the last one opens, said in the
+    log with the step it continues from; recorded by `commit` with the attempt's first checkpoint. None elsewhere
+    and when the size did not change."""
+    if not info.is_main:
+        return None
+    segments = read_segments(run_dir.root)
+    segment = next_segment(segments, start, layout)
+    if segment is not None and segments:
+        before = segments[-1]
         _log(info, f"world size {before['world_size']} -> {layout.world} from step {start}: global batch "
                    f"{layout.global_batch} = {layout.describe()} (was {before['layout']})",
              world_size=layout.world, previous_world_size=before["world_size"], resumed_at=start)
+    return segment
+
+
+def commit(segment: dict[str, Any] | None, run_dir: RunDir, logger: StageLogger) -> None:
+    """With the first checkpoint of the attempt that opened it: the segment into segments.json and MLflow params."""
+    if segment is not None:
+        commit_segment(run_dir.root, segment)
+        logger.params(segment_params(segment))
 
 
 def refuse_pointless_restart(run_dir: RunDir) -> None:
-    """In a group torchrun restarted: when the last attempt failed with the user's error (a JobError), which a
-    restart only repeats, fail with it at once instead of training up to it again."""
-    if not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
-        return
+    """In a restarted group (torchrun, Ray Train's FailureConfig): when an earlier attempt failed with the user's
+    error (a JobError, FILIPCTL_STOP_AT_STEP's stop included), which a restart only repeats, fail with it at once
+    instead of training up to it again. The records are cleared whenever the stage is submitted, so any found here
+    is an earlier attempt's of this submission."""
     previous = first_error(run_dir)
     if previous is not None and not previous.get("restartable", True):
         raise JobError(previous["message"])
@@ -219,7 +229,8 @@ def one_step(engine, loss_fn: FilipLoss, micro_batches: list[tuple[Tensor, Tenso
         return loss.detach(), scale
     with torch.no_grad():
         cached = [engine(images, ids) for images, ids in micro_batches]
-    loss, grads, scale_grad = cached_gradients(loss_fn, [f for f, _ in cached], cached[0][1])
+    loss_scale = float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0
+    loss, grads, scale_grad = cached_gradients(loss_fn, [f for f, _ in cached], cached[0][1], loss_scale)
     for a, (images, ids) in enumerate(micro_batches):
         features, scale = engine(images, ids)
         # The loss holds the temperature once: its gradient goes in with the first micro-batch only.
@@ -229,7 +240,8 @@ def one_step(engine, loss_fn: FilipLoss, micro_batches: list[tuple[Tensor, Tenso
 
 
 def train_steps(recipe: Recipe, info: DistInfo, layout: BatchLayout, engine, scheduler, batches: TrainBatches,
-                loss_fn: FilipLoss, store: CheckpointStore, start: int, log: TrainLog, heartbeat: Heartbeat) -> None:
+                loss_fn: FilipLoss, store: CheckpointStore, start: int, log: TrainLog, heartbeat: Heartbeat,
+                saved: Callable[[], None] = lambda: None) -> None:
     """The loop: this rank's micro-batches, loss over the global batch, backward, step; log and checkpoint on
     schedule; stop after a checkpoint when FILIPCTL_STOP_AT_STEP says so (scripts and benchmarks that continue a
     run at another size)."""
@@ -248,6 +260,7 @@ def train_steps(recipe: Recipe, info: DistInfo, layout: BatchLayout, engine, sch
         if done % recipe.train.checkpoint_every == 0 or done == steps:
             store.save(engine, done, {"step": done, "loss": log.last_loss, "global_batch": layout.global_batch},
                        batches.state())
+            saved()
             log.logger.sync()  # what was logged up to a checkpoint is as durable as the checkpoint
             if done == stop_at and done < steps:
                 raise JobError(f"stopped after the checkpoint of step {done} ({ENV_STOP_AT_STEP}); run again to "
@@ -300,7 +313,15 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
                      "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
                      "filipctl.device": str(info.device)})
         logger.text(json.dumps(deepspeed_config(recipe, layout), indent=1), "deepspeed_config.json")
-        record_world_size(info, logger, run_dir, start, layout)
+    segment = open_segment(info, run_dir, start, layout)
+    if layout.share > 1 and recipe.model.interaction == "late" and recipe.model.token_keep < 1:
+        _log(info, f"note: {layout.share} workers share each micro-batch of {layout.micro_batch_size}: each picks the "
+                   f"tokens it sends (model.token_keep {recipe.model.token_keep:g}) against its {layout.micro} texts, "
+                   f"not {layout.micro_batch_size}; the loss differs from a run on {layout.slots} workers by that")
+    stop_at = int(os.environ.get(ENV_STOP_AT_STEP, "0") or 0)
+    if stop_at and stop_at % cfg.checkpoint_every and stop_at != cfg.steps:
+        _log(info, f"note: {ENV_STOP_AT_STEP}={stop_at} is not a checkpoint step (train.checkpoint_every "
+                   f"{cfg.checkpoint_every}): the run does not stop there")
     _log(info, f"pretraining {recipe.name}: {cfg.steps} steps, global batch {layout.global_batch} "
                f"({layout.describe()}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {loss_fn.describe()}")
     if len(set(hosts)) > 1:
@@ -311,7 +332,9 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
                    logged_until=logger.last_step("loss") if start else 0)
     t_start = time.perf_counter()
     heartbeat.beat(start)
-    train_steps(recipe, info, layout, engine, scheduler, batches, loss_fn, store, start, log, heartbeat)
+    first_save = [segment]  # recorded with this attempt's first checkpoint, then no more
+    train_steps(recipe, info, layout, engine, scheduler, batches, loss_fn, store, start, log, heartbeat,
+                saved=lambda: commit(first_save.pop(), run_dir, logger) if first_save else None)
 
     state = final_weights(engine, info)
     result = {"final_loss": log.last_loss, "train_time_s": time.perf_counter() - t_start,

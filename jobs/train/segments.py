@@ -1,4 +1,5 @@
 """The world sizes a pretraining stage ran at, each from the step it began: `segments.json` in the stage folder.
+A segment is recorded with the first checkpoint its attempt saves.
 
 A stage continued on another number of workers (jobs/train/batch_layout.py) is one stage in segments; the record
 is what a reader of its numbers needs to know how they were made. MLflow gets each segment as params
@@ -39,10 +40,11 @@ def segment_params(segment: dict[str, Any]) -> dict[str, str]:
             f"segment.{k}.layout": segment["layout"]}
 
 
-def record_segment(folder: Path, start: int, layout: BatchLayout) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Rank 0: append the segment this job opens, if any -> (the segment before it, the new one)."""
+def commit_segment(folder: Path, segment: dict[str, Any]) -> None:
+    """Rank 0, once the attempt that opened `segment` saved its first checkpoint (an attempt that dies before
+    leaves no step behind, and no segment): append it, unless it is there already."""
     segments = read_segments(folder)
-    segment = next_segment(segments, start, layout)
-    if segment is not None:
-        write_atomic(folder / SEGMENTS, json.dumps([*segments, segment], indent=1))
-    return (segments[-1] if segments else None), segment
+    if segments and segments[-1] == segment:
+        return
+    segment = {**segment, "segment": len(segments)}
+    write_atomic(folder / SEGMENTS, json.dumps([*segments, segment], indent=1))
