@@ -112,18 +112,6 @@ def checkpoint_bytes(folder: Path) -> int:
 
 
 
-def saved_global_batch(folder: Path) -> int | None:
-    """The global batch a checkpoint was saved with (filipctl's client state in DeepSpeed's model-states file; None
-    in checkpoints older than it). Opened with mmap: the weights in the file are mapped, not read."""
-    import torch
-
-    files = sorted(folder.glob("*model_states.pt"))
-    if not files:
-        raise CheckpointDamaged(f"{folder} holds no DeepSpeed model-states file (*model_states.pt)")
-    batch = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("global_batch")
-    return None if batch is None else int(batch)
-
-
 def global_batch_mismatch(folder: Path, saved: int | None, expected: int) -> str | None:
     """Why a checkpoint saved with global batch `saved` cannot be continued by a run of `expected`, or None. (The
     model's shapes and the ZeRO stage are checked where the checkpoint is loaded: jobs/train/reshard.py.)"""

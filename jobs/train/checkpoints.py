@@ -26,7 +26,7 @@ from typing import Any, Iterable, Protocol
 from filipctl.contract import JobError, write_atomic
 from jobs.train.checkpoint_files import (LATEST, MANIFEST, TMP_SUFFIX, CheckpointDamaged, build_manifest,
                                          checkpoint_bytes, checkpoint_problem, global_batch_mismatch, latest_step,
-                                         one_line, saved_global_batch, step_folders, steps_to_delete)
+                                         step_folders, steps_to_delete)
 from jobs.train.save_failures import GuardedWrites, WriteFailure, free_bytes, mount_of, save_failure_message
 
 
@@ -64,16 +64,14 @@ def load_into(engine, root: Path, tag: str, global_batch: int) -> Restored:
     """Every rank: the checkpoint `root/tag` into the engine at this run's world size (DeepSpeed's own load at the
     size that saved it, re-partitioned from the saved ranks' files at another: jobs/train/reshard.py). A checkpoint
     of another global batch, model or ZeRO stage: a JobError names the difference before anything is loaded."""
-    from jobs.train.reshard import load_resharded, saved_world
+    from jobs.train.reshard import load_resharded, model_states
 
     folder = root / tag
-    try:
-        problem = global_batch_mismatch(folder, saved_global_batch(folder), global_batch)
-        world = saved_world(folder)
-    except (OSError, CheckpointDamaged, RuntimeError, ValueError, KeyError) as exc:
-        raise JobError(f"cannot resume from {folder}: {one_line(exc)}") from None
+    saved = model_states(folder)  # what saved it (DeepSpeed's file, mapped; a JobError when it does not load)
+    problem = global_batch_mismatch(folder, saved.get("global_batch"), global_batch)
     if problem:
         raise JobError(problem)
+    world = int(saved["dp_world_size"])
     client = load_resharded(engine, root, tag)
     return Restored(int(tag.removeprefix("step")), str(folder), read_data_states(folder), world, dict(client or {}))
 

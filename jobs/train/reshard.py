@@ -38,7 +38,7 @@ from filipctl.contract import JobError
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def _z3_model_states(rank: int) -> str:
+def _z3model_states(rank: int) -> str:
     return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 
 
@@ -65,11 +65,11 @@ def _load(path: Path, folder: Path) -> dict[str, Any]:
                        f"checkpoint or start over with --fresh") from None
 
 
-def _model_states(folder: Path) -> dict[str, Any]:
+def model_states(folder: Path) -> dict[str, Any]:
     """Rank 0's model-states file (ZeRO-3 writes one per rank, the others one in all)."""
     if not folder.is_dir():
         raise JobError(f"checkpoint {folder} cannot be resumed: the folder is missing")
-    z3 = folder / _z3_model_states(0)
+    z3 = folder / _z3model_states(0)
     path = z3 if z3.is_file() else folder / MODEL_STATES
     states = _load(path, folder)
     if not isinstance(states, dict) or "dp_world_size" not in states:
@@ -78,7 +78,7 @@ def _model_states(folder: Path) -> dict[str, Any]:
 
 
 def _stage_of(states: dict[str, Any], folder: Path) -> int:
-    if (folder / _z3_model_states(0)).is_file():
+    if (folder / _z3model_states(0)).is_file():
         return 3
     zero = (states.get("ds_config") or {}).get("zero_optimization") or {}
     return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
@@ -86,12 +86,12 @@ def _stage_of(states: dict[str, Any], folder: Path) -> int:
 
 def saved_world(folder: Path) -> int:
     """The data-parallel world size that wrote checkpoint folder root/tag."""
-    return int(_model_states(folder)["dp_world_size"])
+    return int(model_states(folder)["dp_world_size"])
 
 
 def saved_zero_stage(folder: Path) -> int:
     """The ZeRO stage that wrote checkpoint folder root/tag (0-3)."""
-    return _stage_of(_model_states(folder), folder)
+    return _stage_of(model_states(folder), folder)
 
 
 # -- the saved layout: where each parameter lies in the N ranks' flat partitions ------------------------
@@ -168,7 +168,7 @@ class SavedCheckpoint:
 
     def __init__(self, folder: Path, bf16_first: bool = False) -> None:
         self.folder = folder
-        self.states = _model_states(folder)
+        self.states = model_states(folder)
         self.stage = _stage_of(self.states, folder)
         self.world = int(self.states["dp_world_size"])
         self.optim: list[dict[str, Any]] = []
