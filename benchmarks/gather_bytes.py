@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/gather_bytes.py [--local-batch 512] [--workers 8]
 
 The features are real: produced by models.loss.reduce_for_gather on random unit tokens with
-ViT-B/32 shapes (n1 = 50 image tokens, n2 = 77 text slots, d = 256) and counted exactly as
-models.gather.gather_features sends them (token tensors in the wire dtype + uint8 masks).
+ViT-B/32 shapes (n1 = 50 image tokens, context length n2 = 77, d = 256) and counted exactly as
+models.gather.gather_features sends them (token tensors in the wire dtype + uint8 masks). Text slots are
+sized as models.loss.FilipLoss sizes them: the longest kept caption of the global batch (every caption
+here has --real-text-tokens real tokens). The reference, 100%, is late interaction in fp32 with every
+token in context-length slots (77 per text), as the gather sent before it was sized to the captions.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.gather import gathered_bytes  # noqa: E402
 from models.filip import Features  # noqa: E402
 from models.loss import reduce_for_gather  # noqa: E402
+from models.token_selection import slots_needed  # noqa: E402
 
 
 def features(b: int, n1: int, n2: int, d: int, real_text: int) -> Features:
@@ -40,19 +44,20 @@ def main() -> None:
     local = features(args.local_batch, 50, 77, 256, args.real_text_tokens)
     settings = [("global (pooled)", "global", "fp32", 1.0), ("late", "late", "fp32", 1.0),
                 ("late", "late", "fp16", 1.0), ("late", "late", "fp16", 0.5), ("late (paper final)", "late", "fp16", 0.25)]
-    base = None
-    print(f"per worker per step, local batch {args.local_batch}, {args.workers} workers, n1=50, n2=77, d=256\n")
-    print("| loss | wire dtype | tokens kept | image slots | text slots | MB received | vs late fp32 100% |")
+    base = gathered_bytes(local, "late", "fp32", args.workers)  # every token, 77 text slots
+    print(f"per worker per step, local batch {args.local_batch}, {args.workers} workers, n1=50, context n2=77, "
+          f"{args.real_text_tokens} real tokens per caption, d=256\n")
+    print("| loss | wire dtype | tokens kept | image slots | text slots | MB received | vs late fp32, all tokens, 77 slots |")
     print("|---|---|---|---|---|---|---|")
+    print(f"| late (context-length slots) | fp32 | 100% | 50 | 77 | {base / 2**20:.1f} | 100.0% |")
     for name, inter, dtype, keep in settings:
-        sent = reduce_for_gather(local, keep, memory_mb=64) if inter == "late" else local
+        sent = local
+        if inter == "late":
+            sent = reduce_for_gather(local, keep, memory_mb=64, text_slots=slots_needed(local.text_mask, keep))
         nbytes = gathered_bytes(sent, inter, dtype, args.workers)
-        if inter == "late" and keep == 1.0 and dtype == "fp32":
-            base = nbytes
-        ratio = "-" if base is None else f"{nbytes / base:.1%}"
         slots = ("-", "-") if inter == "global" else (sent.image_tokens.shape[1], sent.text_tokens.shape[1])
         print(f"| {name} | {dtype} | {'-' if inter == 'global' else f'{keep:.0%}'} | {slots[0]} | {slots[1]} | "
-              f"{nbytes / 2**20:.1f} | {ratio} |")
+              f"{nbytes / 2**20:.1f} | {nbytes / base:.1%} |")
 
 
 if __name__ == "__main__":

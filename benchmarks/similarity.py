@@ -1,11 +1,17 @@
-"""Forward+backward time and peak memory of the late-interaction similarity: chunked vs naive einsum.
+"""Late interaction, forward + backward, against its floor: one forward matmul of the same shapes.
 
-    .venv/bin/python benchmarks/similarity.py [--batches 32 64 128 256] [--repeat 3] [--dtype fp32]
+    .venv/bin/python benchmarks/similarity.py [--batches 32 64 128 256] [--repeat 5] [--dtype fp32 bf16] [--json]
 
-Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss, on CPU) or
-peak CUDA allocation (on GPU) belongs to it alone; the inputs' own size is subtracted.
-The matmul column is torch.matmul on the same FLOPs ([B*n1, d] @ [d, B*n2], three times
-for forward + backward), so `rate vs matmul` = matmul time / similarity time.
+The floor: the token-wise max's backward only routes each gradient to the token that won the max (a gather of
+B^2 (n1 + n2) d multiply-adds, ~30x less than the forward's B^2 n1 n2 d), so forward + backward cannot cost much
+less than the one product [B n1, d] x [d, B n2]. `x floor` = (late interaction forward + backward) / (that matmul),
+both directions, text padding as real captions have it, in the same process, interleaved, median of --repeat.
+
+Columns per batch: filipctl's late interaction (`models.interaction.late_interaction_chunked`, the blocked CPU
+kernel, 256 MB block budget), the naive einsum reference (`late_interaction`, [B, B, n1, n2] in memory), one
+matmul; peak memory of a fresh process during one forward + backward, inputs excluded; accuracy against the
+float64 reference (largest absolute error of the similarities and of the gradients, the gradients relative to
+their largest element), checked at every batch up to 128 (the float64 reference needs 8 GB at 256).
 """
 
 from __future__ import annotations
@@ -13,136 +19,166 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-N1, N2, D = 50, 77, 256
+N1, N2, D, REAL_TEXT = 50, 77, 256, 20
+DTYPES = ("fp32", "bf16", "fp16")
 
 
-def _measure(kind: str, b: int, repeat: int, dtype_name: str, memory_mb: float) -> dict:
+def _inputs(b: int, dtype_name: str):
     import torch
     import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    g = torch.Generator().manual_seed(b)
+    x = F.normalize(torch.randn(b, N1, D, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(b, N2, D, generator=g, dtype=torch.float64), dim=-1)
+    xm = torch.ones(b, N1, dtype=torch.bool)
+    # Captions of 5..35 real tokens (about 20 on average) in 77 slots, as tokenized web captions are.
+    lengths = torch.randint(5, 36, (b,), generator=g)
+    ym = torch.arange(N2)[None, :] < lengths[:, None]
+    return x.to(dtype), y.to(dtype), xm, ym, x, y
+
+
+def _measure(b: int, repeat: int, dtype_name: str, naive: bool) -> dict:
+    import torch
 
     sys.path.insert(0, str(ROOT))
     from models.interaction import late_interaction, late_interaction_chunked
 
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    torch.manual_seed(0)
-    x = F.normalize(torch.randn(b, N1, D, device=dev), dim=-1).to(dtype).requires_grad_()
-    y = F.normalize(torch.randn(b, N2, D, device=dev), dim=-1).to(dtype).requires_grad_()
-    xm = torch.ones(b, N1, dtype=torch.bool, device=dev)
-    ym = torch.rand(b, N2, device=dev) < 0.6
-    ym[:, 0] = True
+    x, y, xm, ym, x64, y64 = _inputs(b, dtype_name)
+    x.requires_grad_()
+    y.requires_grad_()
+    a, c = x.detach().reshape(-1, D), y.detach().reshape(-1, D).t()
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    def matmul() -> None:
+        a @ c
 
-    def step() -> None:
-        if kind == "matmul":
-            a, c = x.detach().reshape(-1, D), y.detach().reshape(-1, D).t()
-            for _ in range(3):  # forward + the two backward products
-                (a @ c)
-            return
-        fn = late_interaction if kind == "naive" else (lambda *t: late_interaction_chunked(*t, memory_mb=memory_mb))
+    def run(fn) -> None:
         i2t, t2i = fn(x, y, xm, ym)
         (i2t.float().sum() + t2i.float().sum()).backward()
         x.grad = y.grad = None
 
-    step()  # warm-up (allocator, kernels)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    # On CPU, ru_maxrss is the whole process's high-water mark (the warm-up already set it):
-    # the parent measures CPU peaks in a separate fresh process instead (_measure_cpu_peak).
-    peak_mb = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if cuda else None
-    return {"kind": kind, "batch": b, "time_s": min(times), "peak_mb": peak_mb}
+    kinds = {"matmul": matmul, "late": lambda: run(late_interaction_chunked)}
+    if naive:
+        kinds["naive"] = lambda: run(late_interaction)
+    for f in kinds.values():
+        f()  # warm-up: allocator, kernels
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeat):  # interleaved, so that a slow moment of the machine hits every kind alike
+        for k, f in kinds.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    out = {"batch": b, "dtype": dtype_name, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+    if b <= 128:
+        out.update(_accuracy(x, y, xm, ym, x64, y64))
+    return out
 
 
-def _measure_cpu_peak(kind: str, b: int, dtype_name: str, memory_mb: float) -> float:
-    """Peak RSS above the inputs for one forward+backward, in a fresh process."""
+def _accuracy(x, y, xm, ym, x64, y64) -> dict:
+    """Largest errors of the similarities and (relative) of their gradients against the float64 reference."""
+    import torch
+
+    from models.interaction import late_interaction, late_interaction_chunked
+
+    g = torch.Generator().manual_seed(1)
+    ref_in = (x64.clone().requires_grad_(), y64.clone().requires_grad_())
+    ref = late_interaction(*ref_in, xm, ym)
+    w = [torch.randn(ref[0].shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    ref_g = torch.autograd.grad(sum((r * wi).sum() for r, wi in zip(ref, w)), ref_in)
+    xi, yi = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    out = late_interaction_chunked(xi, yi, xm, ym)
+    out_g = torch.autograd.grad(sum((o.double() * wi.to(o.dtype).double()).sum() for o, wi in zip(out, w)), (xi, yi))
+    sim_err = max(float((o.double() - r).abs().max()) for o, r in zip(out, ref))
+    grad_err = max(float((o.double() - r).abs().max() / r.abs().max()) for o, r in zip(out_g, ref_g))
+    return {"sim_abs_err": sim_err, "grad_rel_err": grad_err}
+
+
+def _measure_peak(kind: str, b: int, dtype_name: str) -> float:
+    """Peak RSS growth (MB) above the inputs during one forward + backward, in a fresh process."""
     code = f"""
-import resource, sys, torch, torch.nn.functional as F
-sys.path.insert(0, {str(ROOT)!r})
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+from similarity import _inputs
 from models.interaction import late_interaction, late_interaction_chunked
-torch.manual_seed(0)
-x = F.normalize(torch.randn({b}, {N1}, {D}), dim=-1).requires_grad_()
-y = F.normalize(torch.randn({b}, {N2}, {D}), dim=-1).requires_grad_()
-xm = torch.ones({b}, {N1}, dtype=torch.bool); ym = torch.rand({b}, {N2}) < 0.6; ym[:, 0] = True
-# Touch the kernels once on a tiny problem so their workspace is not counted.
-late_interaction_chunked(x[:1], y[:1], xm[:1], ym[:1])[0].sum().backward(); late_interaction(x[:1], y[:1], xm[:1], ym[:1])[0].sum().backward()
-x.grad = y.grad = None
+x, y, xm, ym, _, _ = _inputs({b}, {dtype_name!r})
+x.requires_grad_(); y.requires_grad_()
+fn = late_interaction if {kind!r} == "naive" else late_interaction_chunked
+# Touch the kernels once on a tiny problem so that their workspace is not counted.
+o = fn(x[:2], y[:2], xm[:2], ym[:2]); (o[0].float().sum() + o[1].float().sum()).backward(); x.grad = y.grad = None
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if {kind!r} == "naive":
-    i2t, t2i = late_interaction(x, y, xm, ym)
-else:
-    i2t, t2i = late_interaction_chunked(x, y, xm, ym, memory_mb={memory_mb})
-(i2t.sum() + t2i.sum()).backward()
+i2t, t2i = fn(x, y, xm, ym)
+(i2t.float().sum() + t2i.float().sum()).backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _device() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--memory-mb", type=float, default=256.0)
-    ap.add_argument("--child", nargs=2, metavar=("KIND", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    ap.add_argument("--naive-up-to", type=int, default=256, help="largest batch to run the naive einsum at")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--child", nargs=2, metavar=("BATCH", "DTYPE"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child[0], int(args.child[1]), args.repeat, args.dtype, args.memory_mb)))
+        b = int(args.child[0])
+        print(json.dumps(_measure(b, args.repeat, args.child[1], b <= args.naive_up_to)))
         return
 
-    import torch
-
     rows = []
-    for b in args.batches:
-        res = {}
-        for kind in ("naive", "chunked", "matmul"):
-            out = subprocess.run([sys.executable, __file__, "--child", kind, str(b), "--repeat", str(args.repeat),
-                                  "--dtype", args.dtype, "--memory-mb", str(args.memory_mb)],
+    for dtype_name in args.dtype:
+        for b in args.batches:
+            out = subprocess.run([sys.executable, __file__, "--child", str(b), dtype_name, "--repeat",
+                                  str(args.repeat), "--naive-up-to", str(args.naive_up_to)],
                                  capture_output=True, text=True, check=True)
-            res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-            if kind != "matmul" and not torch.cuda.is_available():
-                res[kind]["peak_mb"] = _measure_cpu_peak(kind, b, args.dtype, args.memory_mb)
-        flops = 3 * 2 * b * b * N1 * N2 * D
-        rows.append({
-            "batch": b,
-            "naive_s": res["naive"]["time_s"], "chunked_s": res["chunked"]["time_s"],
-            "naive_peak_mb": res["naive"]["peak_mb"], "chunked_peak_mb": res["chunked"]["peak_mb"],
-            "matmul_s": res["matmul"]["time_s"],
-            "chunked_gflops": flops / res["chunked"]["time_s"] / 1e9,
-            "rate_vs_matmul": res["matmul"]["time_s"] / res["chunked"]["time_s"],
-        })
-        print(f"B={b} done", file=sys.stderr, flush=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if not args.no_memory:
+                row["late_peak_mb"] = _measure_peak("late", b, dtype_name)
+                if "naive_s" in row:
+                    row["naive_peak_mb"] = _measure_peak("naive", b, dtype_name)
+            rows.append(row)
+            print(f"{dtype_name} B={b} done", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"late-interaction similarity, forward+backward, n1={N1}, n2={N2}, d={D}, {args.dtype}, "
-          f"block budget {args.memory_mb:g} MB, {dev}\n")
-    print("| local batch | naive einsum s | chunked s | naive peak MB | chunked peak MB | chunked GFLOP/s | rate vs matmul |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"late interaction forward + backward, both directions, n1={N1}, n2={N2} (captions of 5-35 real tokens), "
+          f"d={D}; {_device()}\n")
+    print("| dtype | batch | one matmul s | filipctl late s | x floor | naive einsum s | naive / filipctl | "
+          "filipctl peak MB | naive peak MB | |sim - fp64| | grad rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def f(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for r in rows:
-        print(f"| {r['batch']} | {r['naive_s']:.3f} | {r['chunked_s']:.3f} | {r['naive_peak_mb']:.0f} | "
-              f"{r['chunked_peak_mb']:.0f} | {r['chunked_gflops']:.1f} | {r['rate_vs_matmul']:.2f} |")
+        naive = r.get("naive_s")
+        print(f"| {r['dtype']} | {r['batch']} | {r['matmul_s']:.3f} | {r['late_s']:.3f} | "
+              f"{r['late_s'] / r['matmul_s']:.2f} | {f(naive, '.3f')} | {f(naive and naive / r['late_s'], '.1f')} | "
+              f"{f(r.get('late_peak_mb'), '.0f')} | {f(r.get('naive_peak_mb'), '.0f')} | "
+              f"{f(r.get('sim_abs_err'), '.1e')} | {f(r.get('grad_rel_err'), '.1e')} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def global_max(value: int) -> int:
+    """The largest `value` over every rank (one small all-reduce); `value` itself without a process group."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's `t` along dim 0; backward sums each slot's gradient back to its owner.
 

@@ -13,6 +13,7 @@ Without a process group the same object scores the batch against itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -21,26 +22,31 @@ from torch import Tensor, nn
 
 from models.accumulation import concat
 from models.filip import Features
-from models.gather import gather_features, world
+from models.gather import gather_features, global_max, world
 from models.interaction import INTERACTIONS, similarity
-from models.token_selection import select_tokens, token_scores
+from models.token_selection import select_tokens, slots_needed, token_scores
 
 if TYPE_CHECKING:
     from filipctl.schema import ModelConfig
 
 
-def reduce_for_gather(local: Features, keep: float, memory_mb: float = 256.0) -> Features:
+def reduce_for_gather(local: Features, keep: float, memory_mb: float = 256.0,
+                      text_slots: int | None = None) -> Features:
     """What a worker sends: each image's and each text's `keep` fraction of best tokens (see token_selection).
 
-    Images are scored against this worker's texts and texts against its images. With
-    keep = 1.0 the features go out unchanged.
+    Images are scored against this worker's texts and texts against its images. `text_slots`: how many text
+    slots travel (at least token_selection.slots_needed of every caption sent; FilipLoss passes the longest kept
+    caption of the global batch); None keeps ceil(keep * n2). With keep = 1.0 and no text_slots the features go
+    out unchanged.
     """
     if keep >= 1.0:
-        return local
+        if text_slots is None:
+            return local
+        return replace(local, text_tokens=local.text_tokens[:, :text_slots], text_mask=local.text_mask[:, :text_slots])
     img_scores = token_scores(local.image_tokens, local.image_mask, local.text_tokens, local.text_mask, memory_mb)
     txt_scores = token_scores(local.text_tokens, local.text_mask, local.image_tokens, local.image_mask, memory_mb)
     it, im = select_tokens(local.image_tokens, local.image_mask, img_scores, keep)
-    tt, tm = select_tokens(local.text_tokens, local.text_mask, txt_scores, keep)
+    tt, tm = select_tokens(local.text_tokens, local.text_mask, txt_scores, keep, text_slots)
     return Features(it, im, tt, tm, local.image_embed, local.text_embed)
 
 
@@ -105,7 +111,11 @@ class FilipLoss(nn.Module):
         reduced for the gather on its own, as a worker of that micro-batch's size would, so that the loss does not
         depend on how many micro-batches a worker runs."""
         parts = [local] if isinstance(local, Features) else list(local)
-        sent = concat([reduce_for_gather(p, self.token_keep, self.memory_mb) for p in parts])
+        text_slots = None
+        if self.interaction == "late":
+            # Text slots sized to the longest kept caption of the global batch, not the context length.
+            text_slots = global_max(max(1, *(slots_needed(p.text_mask, self.token_keep) for p in parts)))
+        sent = concat([reduce_for_gather(p, self.token_keep, self.memory_mb, text_slots) for p in parts])
         local = concat(parts)
         gathered = gather_features(sent, self.interaction, self.gather_dtype)
         rank, _ = world()

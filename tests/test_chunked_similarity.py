@@ -71,3 +71,47 @@ def test_block_sizes_respect_the_budget() -> None:
         ci, ct = block_sizes(b_i, b_t, 50, 77, 4, mb)
         assert 1 <= ci <= b_i and 1 <= ct <= b_t
         assert ci * ct * 50 * 77 * 4 <= max(mb * 2**20, 50 * 77 * 4)
+
+
+def test_a_sample_without_real_tokens_scores_zero_and_passes_no_gradient() -> None:
+    """The mean over no token is 0 (the Triton kernel's contract too); the max over its padding is no similarity."""
+    torch.manual_seed(2)
+    x, y, xm, ym = _case(3, 4, 5, 6, 8)
+    xm[1] = False  # image 1: all padding
+    ym[2] = False  # text 2: all padding
+    i2t, t2i = late_interaction_chunked(x, y, xm, ym, memory_mb=1e-4)
+    for out in (i2t, t2i):
+        assert torch.all(out[1] == 0) and torch.all(out[:, 2] == 0)
+    ref_i2t, ref_t2i = late_interaction(x, y, xm, ym)
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[1] = False
+    keep[:, 2] = False
+    torch.testing.assert_close(i2t[keep], ref_i2t[keep])
+    torch.testing.assert_close(t2i[keep], ref_t2i[keep])
+    gx, gy = torch.autograd.grad(i2t.sum() + t2i.sum(), (x, y))
+    assert torch.all(gx[1] == 0) and torch.all(gy[2] == 0)
+    rgx, rgy = torch.autograd.grad((ref_i2t * keep).sum() + (ref_t2i * keep).sum(), (x, y))
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gy, rgy)
+
+
+def test_exact_at_batch_256_with_padding() -> None:
+    """B = 256 at the real token counts (n1 = 50, 77 text slots, captions of 3..40 real tokens) against float64,
+    the reference taken 32 images at a time (its rows are independent; the whole [256, 256, 50, 77] would be 2 GB)."""
+    torch.manual_seed(256)
+    b, n1, n2, d = 256, 50, 77, 16
+    x = F.normalize(torch.randn(b, n1, d, dtype=torch.float64), dim=-1).requires_grad_()
+    y = F.normalize(torch.randn(b, n2, d, dtype=torch.float64), dim=-1).requires_grad_()
+    xm = torch.rand(b, n1) < 0.9
+    xm[:, 0] = True
+    ym = torch.arange(n2)[None, :] < torch.randint(3, 41, (b,))[:, None]
+    ref = [torch.cat(parts) for parts in zip(*(late_interaction(x[i:i + 32], y, xm[i:i + 32], ym)
+                                               for i in range(0, b, 32)))]
+    out = late_interaction_chunked(x, y, xm, ym, memory_mb=16.0)  # several forward blocks and backward tiles
+    g = [torch.randn(b, b, dtype=torch.float64) for _ in range(2)]
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, g)), (x, y))
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, g)), (x, y))
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)

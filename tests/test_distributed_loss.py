@@ -88,6 +88,9 @@ def _worker(rank: int, store: str, images: torch.Tensor, ids: torch.Tensor, out_
                 "grads": avg,
                 "had_grad": {n: g is not None for n, g in grads.items()},
             }
+        from models.gather import global_max
+
+        results["global_max"] = global_max(10 + 5 * rank)  # how the loss sizes its text slots
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
@@ -206,3 +209,8 @@ def test_ranks_agree_and_halves_differ(runs) -> None:
         torch.testing.assert_close(a["loss"], b["loss"], atol=0, rtol=0)
         for name in a["grads"]:
             torch.testing.assert_close(a["grads"][name], b["grads"][name], atol=0, rtol=0)
+
+
+def test_global_max_reaches_every_rank(runs) -> None:
+    ranks, _, _ = runs
+    assert [r["global_max"] for r in ranks] == [15, 15]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from models.filip import Features
-from models.loss import reduce_for_gather
-from models.token_selection import select_tokens, token_scores
+from models.loss import FilipLoss, reduce_for_gather
+from models.token_selection import select_tokens, slots_needed, token_scores
 
 
 def _unit(*shape: int) -> torch.Tensor:
@@ -75,6 +75,43 @@ def test_keep_one_sends_everything_unchanged() -> None:
     feats = Features(_unit(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), _unit(2, 7, 4), _mask(2, 7, 0.5),
                      _unit(2, 4), _unit(2, 4))
     assert reduce_for_gather(feats, 1.0) is feats
+
+
+def _captions(lengths: list[int], n: int = 12) -> torch.Tensor:
+    """Text masks of real captions: the first `length` tokens real, the rest padding."""
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_slots_needed_is_the_longest_kept_caption() -> None:
+    mask = _captions([3, 9, 5])
+    assert slots_needed(mask, 1.0) == 9  # every real token, padding after the longest caption cut
+    assert slots_needed(mask, 0.25) == math.ceil(0.25 * 9) == 3
+    assert slots_needed(mask, 0.5) == 5
+    gappy = torch.tensor([[False, True, False, True, False, False]])  # a masked [BOS], real tokens not a prefix
+    assert slots_needed(gappy, 1.0) == 4
+
+
+@pytest.mark.parametrize("keep", [0.25, 1.0])
+def test_text_slots_cut_padding_not_tokens(keep: float) -> None:
+    """Sized to the longest kept caption, the gather carries the same real tokens and the loss does not change."""
+    torch.manual_seed(5)
+    b, n2 = 6, 12
+    feats = Features(_unit(b, 5, 4), torch.ones(b, 5, dtype=torch.bool), _unit(b, n2, 4),
+                     _captions([2, 4, 7, 3, 1, 5], n2), _unit(b, 4), _unit(b, 4))
+    wide = reduce_for_gather(feats, keep)
+    slots = slots_needed(feats.text_mask, keep)
+    narrow = reduce_for_gather(feats, keep, text_slots=slots)
+    assert narrow.text_tokens.shape[1] == slots < wide.text_tokens.shape[1]
+    for s in range(b):
+        assert torch.equal(narrow.text_tokens[s][narrow.text_mask[s]], wide.text_tokens[s][wide.text_mask[s]])
+    scale = torch.tensor(10.0)
+    from models.loss import filip_loss
+
+    torch.testing.assert_close(filip_loss(feats, narrow, scale, 0), filip_loss(feats, wide, scale, 0),
+                               rtol=1e-12, atol=1e-12)
+    # FilipLoss sizes it by itself: the same loss as the context-length gather.
+    torch.testing.assert_close(FilipLoss("late", keep)(feats, scale), filip_loss(feats, wide, scale, 0),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_reduce_for_gather_scores_each_side_against_the_other() -> None:
