@@ -13,9 +13,10 @@ Forward, per block of ci images x ct texts, one matmul and one read of its outpu
     int16 [B_i, n2, B_t] (best image token per text token and image), ~40x less than the block in fp32.
 
 Backward routes instead of multiplying: the gradient of s^I(i, j) reaches only the pairs (x_ik, y_jr*) that won,
-so d s / d x and d s / d y are sums of B_i B_t (n1 + n2) gathered rows (FILIP's "cheap backward"). Each sum is one
-`embedding_bag` (a weighted gather-sum of table rows) over bags of winners; the two sums that scatter (into the
-winner's row) first group their entries with one stable sort of small int16 keys. No [.., n1, n2] block is built.
+so d s / d x and d s / d y are sums of B_i B_t (n1 + n2) gathered rows (FILIP's "cheap backward"). With the C++ op
+built (models/cpu_ops.py) one pass per side computes them; otherwise, in torch, each sum is one `embedding_bag`
+(a weighted gather-sum of table rows) over bags of winners, and the two sums that scatter (into the winner's row)
+first group their entries with one stable sort of small int16 keys. No [.., n1, n2] block is built either way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.cpu_ops import late_interaction_backward
 
 INT16_MAX = torch.iinfo(torch.int16).max
 TILE_BYTES = 1 << 21  # token rows of each side per backward tile (measured best on a 2 MB L2)
@@ -162,19 +165,24 @@ class BlockedLateInteraction(torch.autograd.Function):
         # Gathered in fp32 whatever the forward ran in: the sums are short, their inputs exact.
         xt = x.reshape(b_i * n1, d).float() if x.dtype != torch.float64 else x.reshape(b_i * n1, d)
         yt = y.reshape(b_t * n2, d).to(xt.dtype)
+        wx, wy, valid = wx.to(xt.dtype), wy.to(xt.dtype), valid.to(xt.dtype)
+        route_i2t = want_i2t and g_i2t is not None
+        route_t2i = want_t2i and g_t2i is not None
+        g_i2t = g_i2t.to(xt.dtype) * valid if route_i2t else None
+        g_t2i = g_t2i.to(xt.dtype) * valid if route_t2i else None
+        op = None if x.is_cuda else late_interaction_backward()
+        if op is not None:  # the same sums in one C++ pass per side: no sort, no per-tile torch calls
+            gx, gy = op(xt.view(b_i, n1, d), yt.view(b_t, n2, d), wx, wy, arg_r, arg_k, g_i2t, g_t2i,
+                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+                    gy.to(y.dtype) if ctx.needs_input_grad[1] else None, None, None, None, None, None, None, None)
         gx = torch.zeros(b_i * n1, d, dtype=xt.dtype, device=x.device)
         gy = torch.zeros(b_t * n2, d, dtype=xt.dtype, device=x.device)
-        wx, wy = wx.to(xt.dtype), wy.to(xt.dtype)
         # Tiles of images x texts whose token rows (the gathered tables) stay in a core's L2 cache together, and no
         # larger than the forward's blocks: a tile's index work (~30 bytes per winner) then fits the same budget.
         fi, ft = ctx.blocks
         ci = max(1, min(fi, TILE_BYTES // (n1 * d * xt.element_size()), INT16_MAX // n1))
         ct = max(1, min(ft, TILE_BYTES // (n2 * d * xt.element_size()), INT16_MAX // n2))
-        route_i2t = want_i2t and g_i2t is not None
-        route_t2i = want_t2i and g_t2i is not None
-        valid = valid.to(xt.dtype)
-        g_i2t = g_i2t.to(xt.dtype) * valid if route_i2t else None
-        g_t2i = g_t2i.to(xt.dtype) * valid if route_t2i else None
         for i0 in range(0, b_i, ci):
             i1 = min(i0 + ci, b_i)
             xs, gxs = xt[i0 * n1 : i1 * n1], gx[i0 * n1 : i1 * n1]
