@@ -30,6 +30,9 @@ N1, N2, D, REAL_TEXT = 50, 77, 256, 20
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+ALL_REAL = False  # --all-real: every text token real (nothing to cut)
+
+
 def _inputs(b: int, dtype_name: str):
     import torch
     import torch.nn.functional as F
@@ -42,6 +45,8 @@ def _inputs(b: int, dtype_name: str):
     # Captions of 5..35 real tokens (about 20 on average) in 77 slots, as tokenized web captions are.
     lengths = torch.randint(5, 36, (b,), generator=g)
     ym = torch.arange(N2)[None, :] < lengths[:, None]
+    if ALL_REAL:
+        ym[:] = True
     return x.to(dtype), y.to(dtype), xm, ym, x, y
 
 
@@ -105,7 +110,9 @@ def _measure_peak(kind: str, b: int, dtype_name: str) -> float:
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import similarity
 from similarity import _inputs
+similarity.ALL_REAL = {ALL_REAL}
 from models.interaction import late_interaction, late_interaction_chunked
 x, y, xm, ym, _, _ = _inputs({b}, {dtype_name!r})
 x.requires_grad_(); y.requires_grad_()
@@ -140,9 +147,12 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
     ap.add_argument("--naive-up-to", type=int, default=256, help="largest batch to run the naive einsum at")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--all-real", action="store_true", help="every text token real: no padding to cut")
     ap.add_argument("--child", nargs=2, metavar=("BATCH", "DTYPE"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     args = ap.parse_args()
+    global ALL_REAL
+    ALL_REAL = args.all_real
     if args.child:
         b = int(args.child[0])
         print(json.dumps(_measure(b, args.repeat, args.child[1], b <= args.naive_up_to)))
@@ -152,7 +162,8 @@ def main() -> None:
     for dtype_name in args.dtype:
         for b in args.batches:
             out = subprocess.run([sys.executable, __file__, "--child", str(b), dtype_name, "--repeat",
-                                  str(args.repeat), "--naive-up-to", str(args.naive_up_to)],
+                                  str(args.repeat), "--naive-up-to", str(args.naive_up_to),
+                                  *(["--all-real"] if args.all_real else [])],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             if not args.no_memory:
