@@ -363,7 +363,9 @@ class TrainSamples(IterableDataset):
             return transform(image)
         # The augmentation of draw k of this reader, whatever ran before it in this process.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_of(self.plan.seed, "augment", reader, k))
+            # The CPU generator alone: torch.manual_seed also queues lazy seeds for CUDA/XPU/MTIA, each formatting the
+            # Python stack, ~0.4 ms a sample on a CUDA build (benchmarks/peers.py --profile); the draws are the same.
+            torch.default_generator.manual_seed(_seed_of(self.plan.seed, "augment", reader, k))
             return transform(image)
 
     def _caption(self, sample: dict[str, Any], reader: int, k: int) -> str:
