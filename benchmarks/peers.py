@@ -511,18 +511,6 @@ def loader_rank(args: argparse.Namespace) -> None:
     print(json.dumps({"pairs": pairs, "seconds": seconds, "shapes": shapes}))
 
 
-def epoch0_reads(log_dir: Path, rank: int) -> tuple[list[str], int]:
-    urls: set[str] = set()
-    total = 0
-    for path in log_dir.glob(f"rank{rank}.*.tsv"):
-        for line in path.read_text().splitlines():
-            epoch, url, n = line.split("\t")
-            if epoch == "0":
-                urls.add(url)
-                total += int(n)
-    return sorted(urls), total
-
-
 def rank_command(args: argparse.Namespace, pipeline: str, rank: int, world: int, workers: int, log_dir: Path,
                  profile_batches: int = 0) -> list[str]:
     return [sys.executable, __file__, "--loader-rank", pipeline, "--rank", str(rank), "--world", str(world),
@@ -578,7 +566,8 @@ def run_loader(args: argparse.Namespace) -> dict[str, Any]:
                 log_dir = tmp / f"r{rnd}-w{world}-k{workers}-{pipeline}"
                 results = run_world(args, pipeline, world, workers, log_dir)
                 for rank, res in enumerate(results):
-                    urls, read = epoch0_reads(log_dir, rank)
+                    urls, read = lb.measured_epoch0(log_dir, rank)
+                    urls = sorted(urls)
                     res.update(rate=res["pairs"] / res["seconds"], shards=urls, mb_read=read / MB,
                                mb_of_shards=sum(size_of[u] for u in urls) / MB)
                 runs.setdefault((world, workers, pipeline), []).append(results)
