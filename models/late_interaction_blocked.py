@@ -1,16 +1,22 @@
-"""FILIP late interaction in plain torch at close to the cost of its one matrix product, forward and backward.
+"""FILIP late interaction on the CPU at about the cost of its one matrix product, forward and backward.
 
 Shapes: x [B_i, n1, d] image tokens, y [B_t, n2, d] text tokens, masks [B_i, n1] / [B_t, n2] (True = real).
 
-Forward, per block of ci images x ct texts, one matmul and one read of its output per direction:
+Forward. With the C++ op built (models/cpu_ops.py; fp32 and fp64) the product is cut into tiles of a few images x
+8 texts whose similarity block (~1 MB) stays in a core's L2: a single-threaded GEMM writes it, both maxima and their
+winners are read from it there, and the tiles run in parallel. The full [B_i n1, B_t n2] product never reaches
+memory, so the whole forward costs about what the one matmul of the same shapes costs (which mostly writes it).
+Otherwise (bf16, or the op not built) in torch, per block of ci images x ct texts, one matmul and one read of its
+output per direction:
   * the text tokens enter the product in (token, text) order, so the block comes out as S[i, k, r, j]
     ([ci * n1, n2 * ct], j fastest). Both maxima are then over a non-innermost axis (r for image->text, k for
     text->image) and run as channels-last max pooling, which vectorises over the contiguous axis and returns the
     argmax with the value.
   * padding is folded into the product: x gains a column of ones against y's column of penalties (and the other way
     round), so a padded token's similarities are very negative without a masked_fill over the block.
-  * what autograd keeps is the winners: int16 [B_i, n1, B_t] (best text token per image token and text) and
-    int16 [B_i, n2, B_t] (best image token per text token and image), ~40x less than the block in fp32.
+Either way what autograd keeps is the winners: int16 [B_i, n1, B_t] (best text token per image token and text) and
+int16 [B_i, n2, B_t] (best image token per text token and image), ~40x less than the block in fp32; ties go to the
+first token. (Winners of padded tokens carry no gradient and may differ between the two paths.)
 
 Backward routes instead of multiplying: the gradient of s^I(i, j) reaches only the pairs (x_ik, y_jr*) that won,
 so d s / d x and d s / d y are sums of B_i B_t (n1 + n2) gathered rows (FILIP's "cheap backward"). With the C++ op
@@ -27,10 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.cpu_ops import late_interaction_backward
+from models.cpu_ops import late_interaction_backward, late_interaction_forward
 
 INT16_MAX = torch.iinfo(torch.int16).max
 TILE_BYTES = 1 << 21  # token rows of each side per backward tile (measured best on a 2 MB L2)
+FORWARD_TILE_BYTES = 1 << 20  # the C++ forward's similarity tile, kept in L2 while both maxima read it
+FORWARD_TILE_TEXTS = 8  # texts per C++ forward tile: the image->text max runs along them in one or two vectors
+
+
+def forward_tile(b_i: int, b_t: int, n1: int, n2: int, elem_bytes: int) -> tuple[int, int]:
+    """(images, texts) per tile of the C++ forward: its [ci n1, n2 ct] similarity fits FORWARD_TILE_BYTES."""
+    ct = min(b_t, FORWARD_TILE_TEXTS)
+    return max(1, min(b_i, FORWARD_TILE_BYTES // (n1 * n2 * ct * elem_bytes))), ct
 
 
 def _max_over_middle(s: Tensor, n: int, h: int, c: int, with_index: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -107,6 +121,41 @@ def _route_t2i(arg_k: Tensor, g: Tensor, wy: Tensor, xs: Tensor, ys: Tensor, gx:
     gx += scattered_sum(key, ci * n1, ys, c, lambda e: e // ci)  # entry (j, r, i) comes from row j * n2 + r
 
 
+def _forward_blocks(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor, wx: Tensor, wy: Tensor, ci: int, ct: int,
+                    want_i2t: bool, want_t2i: bool, keep_winners: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward in torch, blocks of ci images x ct texts (see the module docstring) -> i2t, t2i, arg_r, arg_k."""
+    b_i, n1, _ = x.shape
+    b_t, n2, _ = y.shape
+    acc = wx.dtype
+    xa, ya = fold_masks(x, y, xm, ym, want_i2t and not bool(ym.all()), want_t2i and not bool(xm.all()))
+    da = xa.shape[-1]
+    xa = xa.reshape(b_i * n1, da)
+    ya = ya.transpose(0, 1).contiguous()  # [n2, B_t, da]: (token, text) order, see the module docstring
+    i2t = torch.zeros(b_i, b_t, dtype=acc, device=x.device)
+    t2i = torch.zeros(b_i, b_t, dtype=acc, device=x.device)
+    # Without a gradient to come (evaluation) the winners are not kept.
+    arg_r = torch.empty(b_i, n1, b_t if want_i2t and keep_winners else 0, dtype=torch.int16, device=x.device)  # (i, k, j)
+    arg_k = torch.empty(b_i, n2, b_t if want_t2i and keep_winners else 0, dtype=torch.int16, device=x.device)  # (i, r, j)
+    for i0 in range(0, b_i, ci):
+        i1 = min(i0 + ci, b_i)
+        xs = xa[i0 * n1 : i1 * n1]
+        for j0 in range(0, b_t, ct):
+            j1 = min(j0 + ct, b_t)
+            nb = j1 - j0
+            s = xs @ ya[:, j0:j1].reshape(n2 * nb, da).t()  # [ci*n1, n2*nb] = S[i, k, r, j]
+            if want_i2t:  # best text token r per (image token k, text j)
+                best, arg = _max_over_middle(s, (i1 - i0) * n1, n2, nb, keep_winners)  # [ci*n1, nb]
+                if keep_winners:
+                    arg_r[i0:i1, :, j0:j1] = arg.view(i1 - i0, n1, nb)
+                i2t[i0:i1, j0:j1] = torch.bmm(wx[i0:i1, None, :], best.view(i1 - i0, n1, nb).to(acc))[:, 0]
+            if want_t2i:  # best image token k per (text token r, text j)
+                best, arg = _max_over_middle(s, i1 - i0, n1, n2 * nb, keep_winners)  # [ci, n2*nb]
+                if keep_winners:
+                    arg_k[i0:i1, :, j0:j1] = arg.view(i1 - i0, n2, nb)
+                t2i[i0:i1, j0:j1] = (best.view(i1 - i0, n2, nb).to(acc) * wy[j0:j1].t()[None]).sum(1)
+    return i2t, t2i, arg_r, arg_k
+
+
 class BlockedLateInteraction(torch.autograd.Function):
     """(x, y, xm, ym, ci, ct, want_i2t, want_t2i) -> (i2t [B_i, B_t], t2i [B_i, B_t]); see the module docstring."""
 
@@ -118,32 +167,12 @@ class BlockedLateInteraction(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # means accumulate in at least fp32
         wx = xm.to(acc) / xm.sum(-1).clamp_min(1)[:, None]  # [B_i, n1] weight of token k in s^I(i, .)
         wy = ym.to(acc) / ym.sum(-1).clamp_min(1)[:, None]  # [B_t, n2] weight of token r in s^T(., j)
-        xa, ya = fold_masks(x, y, xm, ym, want_i2t and not bool(ym.all()), want_t2i and not bool(xm.all()))
-        da = xa.shape[-1]
-        xa = xa.reshape(b_i * n1, da)
-        ya = ya.transpose(0, 1).contiguous()  # [n2, B_t, da]: (token, text) order, see the module docstring
-        i2t = torch.zeros(b_i, b_t, dtype=acc, device=x.device)
-        t2i = torch.zeros(b_i, b_t, dtype=acc, device=x.device)
-        # Without a gradient to come (evaluation) the winners are not kept.
-        arg_r = torch.empty(b_i, n1, b_t if want_i2t and keep_winners else 0, dtype=torch.int16, device=x.device)  # (i, k, j)
-        arg_k = torch.empty(b_i, n2, b_t if want_t2i and keep_winners else 0, dtype=torch.int16, device=x.device)  # (i, r, j)
-        for i0 in range(0, b_i, ci):
-            i1 = min(i0 + ci, b_i)
-            xs = xa[i0 * n1 : i1 * n1]
-            for j0 in range(0, b_t, ct):
-                j1 = min(j0 + ct, b_t)
-                nb = j1 - j0
-                s = xs @ ya[:, j0:j1].reshape(n2 * nb, da).t()  # [ci*n1, n2*nb] = S[i, k, r, j]
-                if want_i2t:  # best text token r per (image token k, text j)
-                    best, arg = _max_over_middle(s, (i1 - i0) * n1, n2, nb, keep_winners)  # [ci*n1, nb]
-                    if keep_winners:
-                        arg_r[i0:i1, :, j0:j1] = arg.view(i1 - i0, n1, nb)
-                    i2t[i0:i1, j0:j1] = torch.bmm(wx[i0:i1, None, :], best.view(i1 - i0, n1, nb).to(acc))[:, 0]
-                if want_t2i:  # best image token k per (text token r, text j)
-                    best, arg = _max_over_middle(s, i1 - i0, n1, n2 * nb, keep_winners)  # [ci, n2*nb]
-                    if keep_winners:
-                        arg_k[i0:i1, :, j0:j1] = arg.view(i1 - i0, n2, nb)
-                    t2i[i0:i1, j0:j1] = (best.view(i1 - i0, n2, nb).to(acc) * wy[j0:j1].t()[None]).sum(1)
+        op = late_interaction_forward() if not x.is_cuda and x.dtype in (torch.float32, torch.float64) else None
+        if op is not None:  # the C++ forward: each tile reduced while in cache, the product never in memory
+            i2t, t2i, arg_r, arg_k = op(x, y, xm, ym, wx, wy, *forward_tile(b_i, b_t, n1, n2, x.element_size()),
+                                        want_i2t, want_t2i, keep_winners)
+        else:
+            i2t, t2i, arg_r, arg_k = _forward_blocks(x, y, xm, ym, wx, wy, ci, ct, want_i2t, want_t2i, keep_winners)
         # A sample with no real token scores 0 against everything (the mean over no token) and passes no gradient,
         # as in the Triton kernel: the max over its padding is not a similarity.
         valid = (xm.any(1)[:, None] & ym.any(1)[None, :]).to(acc)  # [B_i, B_t]
