@@ -164,7 +164,8 @@ class DataConfig(Section):
 
     train: list[TrainSource] = Field(
         default_factory=lambda: [TrainSource(url="data/shapes/train")], min_length=1,
-        description="Training shards: one URL, or a list of {url, weight} sources mixed by weight.",
+        description="Training shards: one URL, or a list of {url, weight} sources mixed by weight. With one source, "
+        "`--set data.train.url=URL` (or .weight) sets its field, a plain URL becoming {url: URL}.",
     )
     eval: str | None = Field(
         "data/shapes/eval", description="Held-out shards (same forms as a source url) for retrieval; a classnames.txt beside them "
@@ -367,6 +368,12 @@ class TrackingConfig(Section):
         60.0, ge=0, le=86400, description="At the end of a run, how long the CLI keeps sending tracking records the "
         "store has not taken yet (a server down, a locked database); what is left waits in the stage folders' "
         "spools and `filipctl sync` (or `filipctl status`) sends it later. Training never waits for the store.",
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="Seconds between samples of each node's CPU, memory, disk, network (and "
+        "GPU, where pynvml finds one) while a pretraining or eval job runs: the MLflow run's System metrics, "
+        "`system/<node>/...` under MLflow's own names. Sampled into the stage folder like every metric, so a store "
+        "that is down loses none. 0 = not sampled.",
     )
 
     @field_validator("uri")
@@ -639,10 +646,50 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
         node = out
         for i, key in enumerate(keys[:-1]):
             child = node.get(key)
-            if child is None:
+            if _is_source_list(keys[: i + 1]):
+                child = _the_one_source([] if child is None else child, ".".join(keys[: i + 1]))
+                node[key] = [child]
+            elif child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
                 raise ValueError(f"{'.'.join(keys[: i + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
     return out
+
+
+def _is_source_list(keys: list[str]) -> bool:
+    """Whether the recipe key at `keys` is a list of sections (data.train, eval.datasets): `recipe keys` lists
+    their fields (data.train.url) as keys of the section, so --set reaches into the list's one entry."""
+    model: Any = Recipe
+    for key in keys:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return False
+        model = _section_of(field.annotation)
+    return getattr(field.annotation, "__origin__", None) is list and model is not None
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _the_one_source(value: Any, where: str) -> dict[str, Any]:
+    """The one entry of a source list as a mapping: a plain URL is its `url` (same meaning), none is a new entry.
+    Several entries are ambiguous: which one a key path means is for the user to say, by giving the whole list."""
+    entries = value if isinstance(value, list) else [value]
+    if len(entries) > 1:
+        raise ValueError(f"{where} lists {len(entries)} entries, so a key inside it names none of them; set the whole "
+                         f"list instead, e.g. --set '{where}=[{{url: A, weight: 2}}, {{url: B}}]'")
+    entry = entries[0] if entries else {}
+    if isinstance(entry, str):
+        return {"url": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is a value, not a section")
+    return entry

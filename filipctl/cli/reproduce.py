@@ -31,7 +31,8 @@ def reproduce(
     The code is a git worktree at the recorded commit with the recorded uncommitted changes applied;
     the recipe is the recorded one; the environment is compared with the recorded one and what
     differs is named before the rerun. With --verify: "identical", or the first step where the loss
-    curves differ and by how much.
+    curves differ and by how much, and why when this machine's CPU is not the original's (reruns are bitwise
+    identical per machine type, not across CPUs).
     """
     from pathlib import Path
 
@@ -45,7 +46,8 @@ def reproduce(
     original = rp.load_record(client, find_pipeline(client, tracking.experiment, run_ref,
                                                     kinds=("pipeline", "variant")))
     console = consoles.err if as_json else consoles.out
-    env_diff = rp.differences(original.versions, package_versions())
+    here = package_versions()
+    env_diff = rp.differences(original.versions, here)
     for name, was, now in env_diff:
         console.print(f"environment differs: {name} {was or '(absent)'} -> {now or '(absent)'}", highlight=False,
                       markup=False)
@@ -64,12 +66,14 @@ def reproduce(
         if not keep_source:
             rp.remove_source(source)
     again = rp.load_record(client, client.get_run(new_id))
-    verdict = rp.verify(client, original, again) if verify else None
+    # This machine's record: the rerun's own was written by the rebuilt code, which may predate the CPU record.
+    verdict = rp.verify(client, original, again, here) if verify else None
     if as_json:
         print(json.dumps({"original": original.run_id, "rerun": new_id, "folder": str(where),
                           "environment_differences": env_diff,
                           "identical": verdict.identical if verdict else None,
-                          "verdict": verdict.lines if verdict else []}, indent=1))
+                          "verdict": verdict.lines if verdict else [],
+                          "cause": verdict.cause if verdict else None}, indent=1))
     else:
         consoles.out.print(f"rerun: MLflow run {new_id} (folder {where})", highlight=False, markup=False)
         for line in verdict.lines if verdict else []:

@@ -2,13 +2,14 @@
 
 What a run records (filipctl/orchestration/pipeline.py, GraphRun.track and record_data): the resolved recipe
 (recipe.yaml, and as params), git commit + the uncommitted changes (source.patch, its digest as a tag),
-the worker code's digest, every installed distribution with python, platform and thread settings
-(versions.json), the data index's digest and dataset inputs, and per stage its content key; the
+the worker code's digest, every installed distribution with python, platform, CPU model and ISA flags and
+thread settings (versions.json), the data index's digest and dataset inputs, and per stage its content key; the
 pretraining stage tags its world size, torch threads and device.
 
 reproduce: a git worktree at the recorded commit with the patch applied, the recorded recipe, run with
 that code (PYTHONPATH and working directory are the worktree) into a fresh folder and the same store;
---verify compares the loss curve and eval metrics with the original's, bit for bit.
+--verify compares the loss curve and eval metrics with the original's, bit for bit, and names another CPU as
+the cause of a difference (reruns are bitwise identical per machine type, not across CPUs).
 """
 
 from __future__ import annotations
@@ -186,6 +187,31 @@ def rerun(record: RunRecord, source: Path, folder: Path, uri: str, env: dict[str
 class Verdict:
     identical: bool
     lines: list[str]
+    cause: str | None = None  # "cpu": the runs computed on different CPUs, which explains a difference
+
+
+# What provenance.cpu_record writes into versions.json.
+CPU_KEYS = ("cpu_model", "cpu_isa")
+
+
+def cpu_difference(recorded: dict[str, str], here: dict[str, str]) -> str | None:
+    """The line that explains a rerun's difference by the CPU, or None when both ran on the same kind of CPU
+    (or the original did not record its own: a run made before filipctl recorded it)."""
+    changed = [k for k in CPU_KEYS if recorded.get(k) and here.get(k) and recorded[k] != here[k]]
+    if not changed:
+        return None
+    what = (f"CPU {recorded['cpu_model']!r}" if "cpu_model" in changed else "a CPU of the same name")
+    now = (f"{here['cpu_model']!r}" if "cpu_model" in changed else "one with other vector instructions")
+    isa = ""
+    if "cpu_isa" in changed:
+        was_f, now_f = set(recorded["cpu_isa"].split()), set(here["cpu_isa"].split())
+        parts = [f"{label} {' '.join(sorted(f))}" for label, f in (("only there:", was_f - now_f),
+                                                                  ("only here:", now_f - was_f)) if f]
+        isa = f" (instruction sets {'; '.join(parts)})" if parts else ""
+    return (f"why: the original ran on {what}, this rerun on {now}{isa}. Reruns are bitwise identical on one machine "
+            "type, not across CPUs: BLAS kernels and vector instructions sum floating-point numbers in another order, "
+            "so the last bits differ and grow over the steps. Rerun on the original's machine type to verify bit for "
+            "bit; here, compare the figures within their spread over seeds.")
 
 
 def _losses(client, record: RunRecord) -> dict[int, float]:
@@ -195,8 +221,9 @@ def _losses(client, record: RunRecord) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "loss")}
 
 
-def verify(client, original: RunRecord, again: RunRecord) -> Verdict:
-    """Loss curve and eval metrics, bit for bit -> identical, or the first differing step and by how much."""
+def verify(client, original: RunRecord, again: RunRecord, here: dict[str, str] | None = None) -> Verdict:
+    """Loss curve and eval metrics, bit for bit -> identical, or the first differing step and by how much, and why
+    when the original ran on another CPU than `here` (this machine's provenance; default: the rerun's record)."""
     lines: list[str] = []
     a, b = _losses(client, original), _losses(client, again)
     if not a:
@@ -217,7 +244,9 @@ def verify(client, original: RunRecord, again: RunRecord) -> Verdict:
     identical = not lines
     if identical:
         lines.append(f"identical: {len(a)} logged losses and {len(ev_a)} eval metrics, bit for bit")
-    return Verdict(identical, lines)
+        return Verdict(True, lines)
+    why = cpu_difference(original.versions, again.versions if here is None else here)
+    return Verdict(False, [*lines, why] if why else lines, "cpu" if why else None)
 
 
 def default_folder(record: RunRecord) -> Path:

@@ -64,13 +64,36 @@ def source_patch(root: Path = SOURCE_ROOT) -> tuple[bytes, list[str]]:
     return patch, left_out
 
 
+# The vector-instruction flags that decide which BLAS / oneDNN kernels run (and so the order of floating-point sums).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_record(cpuinfo: str | None = None) -> dict[str, str]:
+    """The CPU a run computed on: its model name and the ISA flags BLAS kernels dispatch on. Reruns are bitwise
+    identical on one machine type only, so `reproduce --verify` names a difference here as the cause."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    model = fields.get("model name") or fields.get("hardware") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    return {"cpu_model": model or "unknown", "cpu_isa": " ".join(f for f in ISA_FLAGS if f in flags)}
+
+
 def package_versions() -> dict[str, str]:
-    """python, platform, the thread settings a job inherits, and every installed distribution's version
-    (the main ones first), read from package metadata: nothing is imported."""
+    """python, platform, the CPU (model, ISA flags), the thread settings a job inherits, and every installed
+    distribution's version (the main ones first), read from package metadata: nothing is imported."""
     import os
 
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": str(os.cpu_count()),
-           **{k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
+           **cpu_record(), **{k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
