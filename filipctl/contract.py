@@ -44,6 +44,8 @@ TAG_RAY_RUN = "filipctl.ray_run"  # the Ray Train run (= its folder under the st
 TAG_RAY_STORAGE = "filipctl.ray_storage"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_VARIANT = "filipctl.variant"  # on a variant run of an ablation: its setting
+TAG_SETTING = "filipctl.setting"  # on an ablation variant's runs (its stages' too): the setting, e.g. +late
+TAG_SEED = "filipctl.seed"  # ... and its seed: the runs table groups by these
 TAG_ABLATION = "filipctl.orchestration.ablation"  # on a variant run: the run id of its ablation
 TAG_CACHED = "filipctl.cached"  # on a stage run: reused from an earlier run of the same key
 TAG_STAGE_KEY = "filipctl.stage_key"
@@ -52,6 +54,7 @@ TAG_PATCH_DIGEST = "filipctl.git_patch_sha256"  # of the uncommitted changes log
 TAG_EVALUATED = "filipctl.evaluated"  # on a `filipctl eval` run: what it evaluated (run id or path)
 TAG_RESUMES = "filipctl.resumes"  # on a stage run: how many later commands continued it (filipctl.resume.K: by which)
 TAG_CODE_DIGEST = "filipctl.code_digest"  # of the worker code (jobs/, models/) that entered the stage keys
+TAG_WEIGHTS = "filipctl.weights_sha256"  # on an eval run and a logged model: sha256 of the weights (model.pt)
 
 
 # -- the stage folder --------------------------------------------------------------------------------
@@ -134,6 +137,12 @@ class RunDir:
     def spool(self) -> Path:
         return self.tracking / "spool.jsonl"
 
+    @property
+    def node_spools(self) -> list[Path]:
+        """Each node's system metrics spool (`node_spool`), forwarded to the stage's run like `spool`."""
+        found = self.tracking.glob(f"{NODE_SPOOL_PREFIX}*.jsonl")
+        return sorted(p for p in found if not p.name.endswith(".dropped.jsonl"))
+
     def log(self, stage: str) -> Path:
         return self.logs / f"{stage}.log"
 
@@ -146,6 +155,15 @@ class RunDir:
     @property
     def errors(self) -> Path:  # one record per failed worker process (write_error_record), cleared at each submit
         return self.logs / "errors"
+
+
+NODE_SPOOL_PREFIX = "system-"
+
+
+def node_spool(spool: Path, node: str) -> Path:
+    """Where node `node` appends its system metrics (jobs/system_metrics.py), beside the stage's spool `spool`: a file
+    per node, one writer per file, so that nodes appending over a shared file system never tear each other's lines."""
+    return spool.with_name(f"{NODE_SPOOL_PREFIX}{node}.jsonl")
 
 
 def file_sha256(path: Path) -> str:

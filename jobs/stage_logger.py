@@ -52,8 +52,19 @@ class StageLogger:
             print(f"warning: cannot write the tracking spool {self.spool} ({exc.strerror or exc}); metrics from here "
                   "on are not tracked", flush=True)
 
-    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        self._append({"op": "metrics", "step": int(step or 0), "values": {k: float(v) for k, v in values.items()}})
+    def metrics(self, values: dict[str, float], step: int | None = None, model_sha256: str = "") -> None:
+        """`model_sha256`: metrics of the logged model with these weights (an eval's), linked to it in MLflow."""
+        self._append({"op": "metrics", "step": int(step or 0), "values": {k: float(v) for k, v in values.items()},
+                      **({"model_sha256": model_sha256} if model_sha256 else {})})
+
+    def model(self, path: str, name: str, tags: dict[str, str], params: dict[str, str],
+              recipe: dict[str, Any] | None = None) -> None:
+        """The weights file `path` as an MLflow logged model of the stage's run, with `recipe` (redacted: what builds
+        the model) as its recipe.json; made when the spool is forwarded, tags[contract.TAG_WEIGHTS] names it for the
+        metrics later linked to it."""
+        self._append({"op": "model", "path": str(Path(path).resolve()), "name": name,
+                      "tags": {k: str(v) for k, v in tags.items()}, "params": {k: str(v) for k, v in params.items()},
+                      **({"recipe": recipe} if recipe else {})})
 
     def params(self, values: dict[str, str]) -> None:
         """MLflow params: set once per key (a new key for each new thing, e.g. segment.K.world_size)."""

@@ -19,7 +19,9 @@ TEST_NODES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/test-nodes.sh"
 CLUSTER=filip
 CTL="$(uname -n)"; CTL="${CTL%%.*}"          # what `hostname -s` prints: slurmctld finds itself in SlurmctldHost by it
 NODES=(filip-n1 filip-n2)                     # the compute nodes: test-nodes.sh's, by their host names
-PACKAGES=(munge mariadb-server slurmctld slurmd slurmdbd slurm-client procps iproute2)
+# chromium: not Slurm's, but installed here with the other test packages: tests/test_mlflow_review.py reads the MLflow UI
+# in it (headless).
+PACKAGES=(munge mariadb-server slurmctld slurmd slurmdbd slurm-client procps iproute2 chromium)
 DAEMONS=(munged mariadbd slurmdbd slurmctld)  # in the root namespace, in start order; --down stops in reverse
 WAIT_S=60
 LOG_DIR=/var/log/slurm

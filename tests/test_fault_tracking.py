@@ -81,8 +81,9 @@ class MlflowServer:
             self.proc.wait()
 
 
-def _check_everything_arrived(uri: str, before: float) -> None:
-    """Every logged step's loss is in the pretrain run, with the time it was logged at; no run still open."""
+def _check_everything_arrived(uri: str, before: float, down_since: float | None = None) -> None:
+    """Every logged step's loss is in the pretrain run, with the time it was logged at; no run still open. So are
+    the node's system metrics (jobs/system_metrics.py), sampled on through the outage (`down_since`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -94,6 +95,11 @@ def _check_everything_arrived(uri: str, before: float) -> None:
     assert sorted(m.step for m in history) == list(range(2, STEPS + 1, 2))
     assert all(m.timestamp / 1000 < before for m in history)  # logged while training, not when sent
     assert "final_loss" in pre.data.metrics and "model" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    (cpu,) = [k for k in pre.data.metrics if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")]
+    samples = client.get_metric_history(pre.info.run_id, cpu)
+    assert sorted(m.step for m in samples) == list(range(len(samples))) and all(m.timestamp / 1000 < before
+                                                                                for m in samples)
+    assert down_since is None or max(m.timestamp for m in samples) / 1000 > down_since
 
 
 def test_a_tracking_server_down_for_good_costs_no_training(tmp_path: Path) -> None:
@@ -122,7 +128,7 @@ def test_a_tracking_server_down_for_good_costs_no_training(tmp_path: Path) -> No
         server.start()  # back, minutes of records later
         res = run_cli("sync", "--tracking-uri", server.uri, cwd=tmp_path)
         assert res.returncode == 0 and "sent" in res.stdout, res.stdout + res.stderr
-        _check_everything_arrived(server.uri, down_at + 60)
+        _check_everything_arrived(server.uri, down_at + 60, down_since=down_at)
         res = run_cli("status", "--json", "--tracking-uri", server.uri, cwd=tmp_path)
         assert all(s["tracking_behind"] == 0 for s in json.loads(res.stdout)[0]["stages"])
     finally:

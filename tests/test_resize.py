@@ -62,7 +62,7 @@ def test_a_run_continues_at_another_size_with_the_loss_curve_of_the_straight_run
     params = run.data.params
     assert [params[f"segment.{k}.world_size"] for k in range(3)] == [str(first), str(second), str(third)]
     assert [params[f"segment.{k}.start_step"] for k in range(3)] == ["0", "20", "30"]
-    assert run.info.status == "FINISHED" and run.data.metrics["global_batch"] == 64
+    assert run.info.status == "FINISHED" and run.data.params["global_batch"] == "64"
     # the loss curve: bitwise the straight 2-worker run's up to the change, then within float noise of it (the
     # same samples, model and optimizer state; only the order of sums differs)
     straight = local_run["losses"]

@@ -65,6 +65,8 @@ def test_smoke_recipe_end_to_end_on_slurm(tmp_path: Path, local_run: dict) -> No
     # job's own port (gloo over the bridge and two jobs at once: tests/test_slurm_backend.py).
     assert pre.data.tags["filipctl.hosts"] == "filip-n1,filip-n2"
     assert pre.data.tags["filipctl.rendezvous"] == f"filip-n1:{port_from_job_id(ids['pretrain'])}"
+    # Each node's system metrics (jobs/system_metrics.py), named by Slurm's name for the node.
+    assert {k.split("/")[1] for k in pre.data.metrics if k.startswith("system/")} == {"filip-n1", "filip-n2"}
     assert pre.data.metrics["final_loss"] > 0 and "logs" in {a.path for a in client.list_artifacts(pre.info.run_id)}
 
     # The same recipe as 2 local processes: the same world size and threads (1 per rank: Slurm's cpus_per_task on

@@ -80,8 +80,8 @@ def run(
             consoles.out.print(t)
     m, s = divmod(int(result.duration_s), 60)
     consoles.out.print(f"done in {m}m{s:02d}s. MLflow run {result.parent_run_id}")
-    consoles.out.print(f"open the MLflow UI:  {tracking.ui_command(result.tracking_uri)}", highlight=False,
-                       soft_wrap=True)
+    consoles.out.print(f"open the MLflow UI:  {tracking.ui_command(result.tracking_uri, result.experiment_id)}",
+                       highlight=False, soft_wrap=True)
 
 
 def ablate(

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
+from filipctl.contract import TAG_SEED, TAG_SETTING
 from filipctl.errors import RecipeError, UsageProblem
 from filipctl.reports import ablation_table
 from filipctl.reports.ablation_chart import chart
@@ -50,10 +51,14 @@ def variants(recipe: Recipe, components: list[str], seeds: list[int]) -> dict[st
         for seed in seeds:
             data = apply_overrides(base, {**overrides, "train.seed": seed})
             try:
-                out[name if len(seeds) == 1 else f"{name}@seed{seed}"] = Recipe.model_validate(data)
+                out[variant_name(name, seed, seeds)] = Recipe.model_validate(data)
             except ValueError as exc:
                 raise RecipeError(f"ablation setting {name}: {exc}") from None
     return out
+
+
+def variant_name(setting: str, seed: int, seeds: list[int]) -> str:
+    return setting if len(seeds) == 1 else f"{setting}@seed{seed}"
 
 
 def setting_of(variant: str) -> str:
@@ -128,10 +133,13 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
 
 
 def labels(recipe: Recipe, components: list[str], seeds: list[int]) -> dict[str, Any]:
-    """The ablation's MLflow parent run: its tags and description (the table's title)."""
+    """The ablation's MLflow parent run: its tags and description (the table's title); "variants": the tags of each
+    variant's runs (its own and its stages'), by which the MLflow runs table groups them: setting, seed."""
     title = f"{recipe.name}: ablation of {', '.join(components)}" + (f" over seeds {seeds}" if len(seeds) > 1 else "")
     tags = {"filipctl.components": ",".join(components), "filipctl.seeds": ",".join(map(str, seeds))}
-    return {"tags": tags, "description": title}
+    by_variant = {variant_name(name, seed, seeds): {TAG_SETTING: name, TAG_SEED: str(seed)}
+                  for name, _ in settings(components) for seed in seeds}
+    return {"tags": tags, "description": title, "variants": by_variant}
 
 
 def record_table(run, recipe: Recipe, components: list[str], seeds: list[int]) -> dict[str, Any]:

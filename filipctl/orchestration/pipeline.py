@@ -48,6 +48,7 @@ class PipelineResult:
     workdir: Path
     metrics: dict[str, dict[str, float]]
     duration_s: float
+    experiment_id: str = ""  # for the UI link (tracking.ui_command); empty when the store did not answer
 
 
 def _tail(text: str, n: int = 25) -> str:
@@ -269,13 +270,14 @@ def run_pipeline(recipe: Recipe, recipe_path: str, console: Console, fresh: bool
     followed = run.run(uri, recipe_path, detach)
     keys = run.graph.variants[""]
     workdir = run.graph.nodes[keys["pretrain"]].run_dir.root
+    experiment = str(run.tracker.experiment_id or "")
     if not followed:
-        return PipelineResult(run.top, uri, workdir, {}, time.time() - t0)
+        return PipelineResult(run.top, uri, workdir, {}, time.time() - t0, experiment)
     failed = run.failure()
     if failed:
         raise failed
     metrics = {stage: run.metrics.get(key, {}) for stage, key in keys.items()}
-    return PipelineResult(run.top, uri, workdir, metrics, time.time() - t0)
+    return PipelineResult(run.top, uri, workdir, metrics, time.time() - t0, experiment)
 
 
 def dry_run(recipe: Recipe, console: Console) -> None:

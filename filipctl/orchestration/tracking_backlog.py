@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filipctl.contract import RunDir
-from filipctl.tracking.forwarder import outboxes, stage_spool
+from filipctl.tracking.forwarder import outboxes, stage_spools
 from filipctl.tracking.spool import Spool
 
 
@@ -42,13 +42,10 @@ def backlog(uri: str, folders: list[str]) -> Backlog:
 
     found = outboxes(outbox_folder(uri))
     for folder in dict.fromkeys(folders):
-        spool = stage_spool(RunDir(Path(folder)), uri) if folder else None
-        if spool is not None:
-            found.append(spool)
+        found += stage_spools(RunDir(Path(folder)), uri) if folder else []
     return Backlog([s for s in found if s.pending()])
 
 
 def behind(folder: str, uri: str) -> int:
-    """Records of a stage folder's spool not yet in the store `uri`."""
-    spool = stage_spool(RunDir(Path(folder)), uri) if folder else None
-    return spool.pending() if spool else 0
+    """Records of a stage folder's spools not yet in the store `uri`."""
+    return sum(s.pending() for s in stage_spools(RunDir(Path(folder)), uri)) if folder else 0

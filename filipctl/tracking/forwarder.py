@@ -26,6 +26,12 @@ def stage_spool(run_dir: RunDir, uri: str) -> Spool | None:
     return Spool(run_dir.spool, run) if run else None
 
 
+def stage_spools(run_dir: RunDir, uri: str) -> list[Spool]:
+    """The stage's spool and its nodes' system metrics spools (contract.node_spool), all to the stage's run."""
+    run = stage_run_of(run_dir, uri)
+    return [Spool(p, run) for p in (run_dir.spool, *run_dir.node_spools)] if run else []
+
+
 def write_stage_run(run_dir: RunDir, uri: str, run_id: str) -> None:
     """Name the MLflow run a stage folder's spool goes to (and a resumed stage continues)."""
     from filipctl.contract import write_atomic

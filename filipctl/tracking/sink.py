@@ -25,7 +25,7 @@ from filipctl.recipes import recipe_fingerprint, recipe_to_dict
 from filipctl.schema import Recipe
 from filipctl.states import State
 from filipctl.tracking import provenance
-from filipctl.tracking.forwarder import Spool, outboxes, stage_run_of, stage_spool, write_stage_run
+from filipctl.tracking.forwarder import Spool, outboxes, stage_run_of, stage_spools, write_stage_run
 from filipctl.tracking.redact import redact
 from filipctl.tracking.writer import Tracker
 
@@ -69,7 +69,8 @@ class MlflowSink:
             workdir = self.graph.nodes[keys.get("pretrain") or list(keys.values())[-1]].run_dir.root
             run_tags = {**common, **(tags or {}), TAG_WORKDIR: str(workdir), TAG_FINGERPRINT: recipe_fingerprint(recipe)}
             if ablation is not None:
-                run_tags.update({TAG_VARIANT: variant, TAG_ABLATION: self.top, TAG_PARENT: self.top})
+                run_tags.update({TAG_VARIANT: variant, TAG_ABLATION: self.top, TAG_PARENT: self.top,
+                                 **ablation.get("variants", {}).get(variant, {})})
             as_dict = recipe_to_dict(recipe)
             run = self.tracker.start_pipeline(
                 name=name, recipe=as_dict, backend=self.backend, description=recipe.description, tags=run_tags,
@@ -93,6 +94,8 @@ class MlflowSink:
                                                          stage_key=key)
                     self.tracker.tag(stage_run, TAG_STAGE_KEY, key)
                 self.stage_runs[(variant, key)] = stage_run
+                for tag, value in (ablation or {}).get("variants", {}).get(variant, {}).items():
+                    self.tracker.tag(stage_run, tag, value)  # a variant's loss curves group and compare by them too
                 if runs_job:
                     write_stage_run(node.run_dir, self.tracker.uri, stage_run)
         if git["git_dirty"] == "true":
@@ -105,10 +108,11 @@ class MlflowSink:
     def spools(self) -> list[Spool]:
         """What the forwarder sends while the graph runs: the store's outboxes (this command's, and what earlier
         commands left when the store was down or they were killed), then every stage's spool."""
-        found = (stage_spool(self.graph.nodes[key].run_dir, self.tracker.uri) for (_, key) in self.stage_runs)
+        found = (s for (_, key) in self.stage_runs
+                 for s in stage_spools(self.graph.nodes[key].run_dir, self.tracker.uri))  # its nodes' too
         boxes = {s.path: s for s in outboxes(self.tracker.outbox.path.parent)}
         boxes[self.tracker.outbox.path] = self.tracker.outbox
-        return [*boxes.values(), *{s.path: s for s in found if s is not None}.values()]
+        return [*boxes.values(), *{s.path: s for s in found}.values()]
 
     def runs_of(self, node: Node) -> list[str]:
         return [self.stage_runs[(v, node.key)] for v in node.variants]

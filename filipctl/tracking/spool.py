@@ -7,7 +7,11 @@ A store that is down or locked therefore stalls nothing: records wait, and go in
 steps and times they were logged at (by the running CLI, by `filipctl status` or `filipctl sync`).
 
 One JSON object per line: {"t": ms logged, "op": ..., "run": id (outbox only), ...}
-    metrics   step, values {name: float}         tags, params   values {name: str}
+    metrics   step, values {name: float}, model_sha256 (optional: also metrics of the logged model with these
+              weights, linked to it)
+    tags, params   values {name: str}
+    model     path (a weights file), name, tags, params, recipe (redacted): an MLflow logged model of the run, made
+              once (tags[contract.TAG_WEIGHTS] finds it again), its artifacts the file and recipe.json
     artifact  path, artifact_path, owned (delete the file once uploaded: a copy made for the outbox)
     status    status (MLflow's word), end (ms; set for an ended run)
     dataset   name, digest, source_type, source, profile, context
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from filipctl.contract import write_atomic
+from filipctl.contract import TAG_WEIGHTS, write_atomic
 
 # MLflow's limits per log_batch call.
 MAX_METRICS, MAX_TAGS, MAX_PARAMS = 1000, 100, 100
@@ -188,7 +192,9 @@ def _call(client, records: list[dict[str, Any]]) -> None:
     first = records[0]
     run, op = first["run"], first.get("op")
     if op in ("metrics", "tags", "params"):
-        metrics = [Metric(k, float(v), int(r["t"]), int(r.get("step", 0)))
+        models = {r["model_sha256"]: _logged_model(client, run, r["model_sha256"]) for r in records
+                  if r["op"] == "metrics" and r.get("model_sha256")}
+        metrics = [Metric(k, float(v), int(r["t"]), int(r.get("step", 0)), model_id=models.get(r.get("model_sha256")))
                    for r in records if r["op"] == "metrics" for k, v in r["values"].items()]
         tags: dict[str, str] = {}
         params: dict[str, str] = {}
@@ -203,6 +209,10 @@ def _call(client, records: list[dict[str, Any]]) -> None:
             client.log_batch(run, tags=tag_list[i : i + MAX_TAGS], params=param_list[i : i + MAX_PARAMS])
         for i in range(0, len(metrics), MAX_METRICS):
             client.log_batch(run, metrics=metrics[i : i + MAX_METRICS])
+        if any(models.values()):  # the run that measured a model names it as its input (the UI links them)
+            from mlflow.entities import LoggedModelInput
+
+            client.log_inputs(run, models=[LoggedModelInput(m) for m in models.values() if m])
     elif op == "artifact":
         client.log_artifact(run, first["path"], first.get("artifact_path"))
     elif op == "status":
@@ -216,8 +226,68 @@ def _call(client, records: list[dict[str, Any]]) -> None:
         dataset = Dataset(name=first["name"], digest=first["digest"], source_type=first["source_type"],
                           source=first["source"], profile=first["profile"])
         client.log_inputs(run, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", first["context"])])])
+    elif op == "model":
+        _log_model(client, run, first)
     else:
         raise ValueError(f"unknown spool record {op!r}")
+
+
+def _models(client, run: str, sha256: str) -> list:
+    """The logged models in `run`'s experiment with weights `sha256` (tag contract.TAG_WEIGHTS), newest first."""
+    experiment = client.get_run(run).info.experiment_id
+    return list(client.search_logged_models([experiment], filter_string=f"tags.`{TAG_WEIGHTS}` = '{sha256}'",
+                                            order_by=[{"field_name": "creation_timestamp", "ascending": False}]))
+
+
+def _ready(model) -> bool:
+    return str(model.status).rpartition(".")[2] == "READY"
+
+
+def _logged_model(client, run: str, sha256: str) -> str | None:
+    """The newest READY logged model with weights `sha256`, or None: metrics of weights that no filipctl run logged
+    (a state dict given to `filipctl eval`) stay the run's alone."""
+    return next((m.model_id for m in _models(client, run, sha256) if _ready(m)), None)
+
+
+def _log_model(client, run: str, record: dict[str, Any]) -> None:
+    """A weights file as a logged model of `run` (the UI's "Logged models"): made once, its files uploaded, then
+    READY; a resend after a crash between those steps finishes the model it had made."""
+    import shutil
+    import uuid
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    source = Path(record["path"])
+    if not source.is_file():
+        raise FileNotFoundError(source)
+    sha = record["tags"].get(TAG_WEIGHTS, "")
+    model = next((m for m in _models(client, run, sha) if m.source_run_id == run), None) if sha else None
+    if model is None:
+        model = client.create_logged_model(client.get_run(run).info.experiment_id, name=record["name"],
+                                           source_run_id=run, tags=record["tags"], params=record.get("params") or {},
+                                           model_type="filip")
+    elif _ready(model):
+        return
+    # log_model_artifacts takes a folder: one beside the weights, the file hard-linked into it (no copy of GBs).
+    folder = source.parent / f".logged-model-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir()
+    except OSError:  # a stage folder this process cannot write: a copy in a temporary folder
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="filipctl-model-"))
+    try:
+        try:
+            os.link(source, folder / source.name)
+        except OSError:
+            shutil.copyfile(source, folder / source.name)
+        if record.get("recipe"):
+            (folder / "recipe.json").write_text(json.dumps(record["recipe"], indent=1))
+        client.log_model_artifacts(model.model_id, str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run, models=[LoggedModelOutput(model.model_id, step=0)])
 
 
 def append(path: Path, record: dict[str, Any]) -> None:

@@ -21,10 +21,14 @@ def resolve_uri(uri: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, experiment_id: str = "") -> str:
+    """How to look at the runs. MLflow 3.17's UI opens every experiment as the GenAI overview unless the browser's
+    "Model training" switch is on: it ignores the experiment's mlflow.experimentKind tag (filipctl sets it anyway, for
+    the UIs that read it); a link with workflowType=machine_learning opens the training runs table."""
+    page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+        return f"open {uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000{page}"
 
 
 def check_store(uri: str, timeout_s: float, must_exist: bool) -> None:

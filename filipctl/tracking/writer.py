@@ -23,6 +23,11 @@ from filipctl.states import MLFLOW_STATUS, State
 from filipctl.tracking.store import open_store
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI and shows an empty tracing
+# overview; training opens on the runs table. A kind someone chose in the UI is kept.
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def outbox_folder(uri: str) -> Path:
     """Where the control side's outboxes wait: beside the state index of the store."""
     import hashlib
@@ -53,13 +58,15 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND not in exp.tags:  # an experiment made before filipctl set it (or by hand)
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, TRAINING)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):
             # Artifacts beside the database, not in whatever folder a later command runs from.
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: TRAINING})
         except Exception:  # noqa: BLE001 - another command created it a moment ago: use theirs
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from filipctl.contract import ENV_STOP_AT_STEP, JobError, RunDir, file_sha256, first_error, job_main, write_result
+from filipctl.contract import (ENV_STOP_AT_STEP, TAG_WEIGHTS, JobError, RunDir, file_sha256, first_error, job_main,
+                               write_result)
 from filipctl.schema import Recipe
 from jobs.train.checkpoints import CheckpointStore, DirectoryCheckpoints
 from jobs.data.index import load_index
@@ -31,7 +32,9 @@ from jobs.train.distributed import DistInfo, collectives_named, init_distributed
 from jobs.train.heartbeat import Heartbeat
 from jobs.events import emit
 from jobs.data.loader import TrainBatches, sources_of
+from filipctl.tracking.redact import redact
 from jobs.stage_logger import StageLogger
+from jobs.system_metrics import system_metrics
 from jobs.train.batch_layout import BatchLayout, LayoutError, layout_for
 from jobs.train.lamb import attach_layout
 from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
@@ -276,7 +279,9 @@ def run(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None = None) -
     info = init_distributed(recipe.train.collective_timeout_s)
     heartbeat = Heartbeat(run_dir.logs / "heartbeat", info.rank)
     heartbeat.beat(0)
-    with collectives_named(info, heartbeat):
+    # One sampler per node (its first local rank): the node's CPU, memory, disk, network, GPUs (jobs/system_metrics.py).
+    with (collectives_named(info, heartbeat),
+          system_metrics(recipe.tracking.system_metrics_interval_s, run_dir.root, sample=info.local_rank == 0)):
         return pretrain(recipe, run_dir, store, info, heartbeat)
 
 
@@ -301,9 +306,10 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
         raise JobError(f"cannot resume the data where the checkpoint left it: {exc}; rerun with --fresh") from None
     loss_fn = FilipLoss.from_config(recipe.model)
     logger = StageLogger(info.is_main)
+    # Constants of the run: MLflow params, not one-point metric series (a chart of one bar says nothing).
     first = {"peak_lr": peak_lr(recipe.optim.base_lr, layout.global_batch), "global_batch": layout.global_batch}
     if info.is_main and not start:
-        logger.metrics(first)
+        logger.params(first)
     hosts = rank_hosts(info)
     if info.is_main:  # what a rerun must match to be bitwise identical, besides the recipe and the code
         # Where it ran: each rank's host (rank order) and the rendezvous, so that a multi-node run shows its nodes.
@@ -343,9 +349,15 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
         save_model(state, run_dir)
         logger.metrics({k: v for k, v in result.items() if math.isfinite(v)}, step=cfg.steps)
         logger.artifact(str(run_dir.model), "model")
+        digest = file_sha256(run_dir.model)
+        # The weights as an MLflow logged model (the UI's "Logged models"); the eval stage links its metrics to it
+        # by this digest (filipctl/tracking/spool.py).
+        logger.model(str(run_dir.model), name=recipe.name, tags={TAG_WEIGHTS: digest, "filipctl.recipe": recipe.name},
+                     params={"interaction": recipe.model.interaction, "steps": str(cfg.steps), **first},
+                     recipe=redact(recipe.model_dump(mode="json")))
         logger.sync()
-        write_result(run_dir, {**first, **{k: v for k, v in result.items() if math.isfinite(v)}},
-                     digests={"model.pt": file_sha256(run_dir.model)}, skipped=log.skipped)
+        write_result(run_dir, {k: v for k, v in result.items() if math.isfinite(v)},
+                     digests={"model.pt": digest}, skipped=log.skipped)
     leave(info)
     return result
 
