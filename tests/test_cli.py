@@ -143,12 +143,13 @@ def test_run_end_to_end_then_interrupt_and_resume(local_run: dict, tmp_path: Pat
     tasks = {(r["dataset"], r["task"]) for r in report["results"]}
     assert tasks == {("held_out", "zeroshot_retrieval"), ("held_out", "zeroshot_classification"),
                      ("held_out", "word_patch_pointing"), ("held_out", "finegrained_retrieval"),
-                     ("wds_cls", "zeroshot_classification"),
-                     ("wds_cls", "linear_probe"), ("wds_ret", "zeroshot_retrieval")}
+                     ("wds/wds_cls", "zeroshot_classification"),  # clip_benchmark's --dataset: wds/<name>
+                     ("wds/wds_cls", "linear_probe"), ("wds/wds_ret", "zeroshot_retrieval")}
     for r in report["results"]:
         assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"}  # clip_benchmark's dump
-        assert f"{r['dataset']}_{r['pretrained']}_{r['model']}_en_{r['task']}.json" in files
-    ret = next(r["metrics"] for r in report["results"] if r["dataset"] == "wds_ret")
+        # its file name: the dataset without wds/
+        assert f"{r['dataset'].removeprefix('wds/')}_{r['pretrained']}_{r['model']}_en_{r['task']}.json" in files
+    ret = next(r["metrics"] for r in report["results"] if r["dataset"] == "wds/wds_ret")
     assert set(ret) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
     # The same checkpoint and code: the held-out figures equal those of the run's own eval stage.
     assert {k: report["metrics"][k] for k in ev if k in report["metrics"]} == {k: v for k, v in ev.items()

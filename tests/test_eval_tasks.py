@@ -206,6 +206,13 @@ def test_the_eval_stage_key_names_the_weights_by_their_full_sha256(tmp_path: Pat
 def test_metric_names_are_computed_for_any_k() -> None:
     assert metric_name("held_out", "text_retrieval_recall@1") == "i2t_R1"
     assert metric_name("held_out", "image_retrieval_recall@1500") == "t2i_R1500"
+    # the count with ties as hits (jobs/eval/scoring.py) ends in R<k> too, so the tables give it a chance level
+    assert metric_name("held_out", "text_retrieval_recall_ties_as_hits@5") == "i2t_ties_as_hits_R5"
+    assert metric_name("cifar", "image_retrieval_recall_ties_as_hits@1") == "cifar.image_retrieval_recall_ties_as_hits_at_1"
+    from filipctl.reports.eval_tables import tables
+
+    rows = tables({"i2t_R5": 0.2, "i2t_ties_as_hits_R5": 0.3, "chance_R1": 0.01})[0].columns[2].cells
+    assert list(rows) == ["0.050", "0.050"]  # chance of R@5 beside both
     assert metric_name("held_out", "acc1") == "zeroshot_top1" and metric_name("held_out", "images") == "eval_pairs"
     assert metric_name("held_out", "finegrained_sT_images") == "finegrained_sT_images"
     assert metric_name("cifar", "text_retrieval_recall@5") == "cifar.text_retrieval_recall_at_5"

@@ -6,7 +6,7 @@ from rich.table import Table
 
 # Bookkeeping figures: shown in the caption, not as rows.
 _COUNTS = ("eval_pairs", "images", "skipped_samples", "pointing_objects", "train_samples", "finegrained_images",
-           "finegrained_sT_images")
+           "finegrained_sT_images", "zeroshot_single_shape_images", "zeroshot_multi_shape_images")
 
 
 def _set_of(name: str) -> tuple[str, str]:

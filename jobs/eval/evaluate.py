@@ -31,13 +31,14 @@ from filipctl.schema import Recipe
 from jobs.data.index import load_index
 from jobs.eval.alignment_maps import AlignmentMaps
 from jobs.eval.encoder import Encoder
-from jobs.eval.names import named
+from jobs.eval.names import HELD_OUT, named
 from jobs.eval.sets import EvalSet, held_out_set, open_benchmark
 from jobs.eval.split_pass import Observer, encode_split
 from jobs.eval.tasks import tasks_for
 from jobs.eval.weights import load_model, weights_digest, weights_file
 from jobs.events import emit
 from jobs.stage_logger import StageLogger
+from jobs.system_metrics import system_metrics
 from models.filip import FILIP
 
 
@@ -56,10 +57,16 @@ class Evaluation:
         return cls(recipe, Encoder(model, recipe.model.text.context_length, recipe.eval.batch_size), scratch, maps)
 
 
+def benchmark_name(ds: EvalSet) -> str:
+    """The set as clip_benchmark's --dataset names it, and its result file's "dataset": a set in its WebDataset
+    layout is wds/<name> (the file name drops the prefix); the held-out split is filipctl's own."""
+    return ds.name if ds.name == HELD_OUT else f"wds/{ds.name}"
+
+
 def result(ds: EvalSet, task: str, metrics: dict[str, Any], model: str, pretrained: str) -> dict[str, Any]:
     """One clip_benchmark result file (clip_benchmark.cli dumps exactly these keys)."""
-    return {"dataset": ds.name, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-            "language": "en"}
+    return {"dataset": benchmark_name(ds), "model": model, "pretrained": pretrained, "task": task,
+            "metrics": metrics, "language": "en"}
 
 
 def evaluate_set(run: Evaluation, ds: EvalSet, model_name: str,
@@ -100,6 +107,11 @@ def eval_sets(recipe: Recipe, run_dir: RunDir) -> list[EvalSet]:
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> None:
+    with system_metrics(recipe.tracking.system_metrics_interval_s, run_dir.root):  # this node's CPU, memory, ...
+        evaluate(recipe, run_dir)
+
+
+def evaluate(recipe: Recipe, run_dir: RunDir) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     weights = weights_file(run_dir)
     digest = weights_digest(run_dir, weights)
@@ -121,7 +133,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> None:
         for res in results:
             path = results_dir / f"{ds.name}_{pretrained}_{recipe.name}_en_{res['task']}.json"
             write_atomic(path, json.dumps(res, indent=1))
-        logger.metrics(flat)
+        logger.metrics(flat, model_sha256=digest)  # also the logged model's metrics (the pretrain stage's)
     shutil.rmtree(scratch, ignore_errors=True)
     write_result(run_dir, metrics, digests={"model.pt": digest},
                  skipped=int(sum(v for k, v in metrics.items() if k.endswith("skipped_samples"))))

@@ -16,7 +16,8 @@ HELD_OUT = "held_out"  # the name of the pretraining data's held-out split among
 _HELD_OUT_SHORT = {"acc1": "zeroshot_top1", "acc5": "zeroshot_top5",
                    "mean_per_class_recall": "zeroshot_mean_per_class_recall", "images": "eval_pairs"}
 # image -> text retrieval is clip_benchmark's text_retrieval (texts are retrieved), text -> image its image_retrieval
-_RECALL = re.compile(r"(text|image)_retrieval_recall@(\d+)")
+# (ties counted as hits: the same with '_ties_as_hits', jobs/eval/scoring.py)
+_RECALL = re.compile(r"(text|image)_retrieval_recall(_ties_as_hits)?@(\d+)")
 
 
 def metric_name(set_name: str, metric: str) -> str:
@@ -25,7 +26,7 @@ def metric_name(set_name: str, metric: str) -> str:
         return f"{set_name}.{metric.replace('@', '_at_')}"
     recall = _RECALL.fullmatch(metric)
     if recall:
-        return f"{'i2t' if recall[1] == 'text' else 't2i'}_R{recall[2]}"
+        return f"{'i2t' if recall[1] == 'text' else 't2i'}{recall[2] or ''}_R{recall[3]}"  # i2t_ties_as_hits_R1
     return _HELD_OUT_SHORT.get(metric, metric)
 
 

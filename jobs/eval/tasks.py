@@ -31,6 +31,7 @@ from jobs.eval.linear_probe import linear_probe
 from jobs.eval.names import HELD_OUT
 from jobs.eval.prompts import class_templates, object_prompt
 from jobs.eval.scoring import class_scores, classification, retrieval
+from jobs.eval.shape_count import by_shape_count, shape_classes
 from jobs.eval.sets import EvalBatch, EvalSet
 from jobs.eval.split_pass import EncodedSplit, encode_split
 from jobs.events import emit
@@ -57,7 +58,8 @@ class Task:
 
 
 class Retrieval(Task):
-    """Image <-> text retrieval over the set's captions, R@k as clip_benchmark counts it (jobs/eval/scoring.py)."""
+    """Image <-> text retrieval over the set's captions, R@k as clip_benchmark counts it, ties against the true
+    item; beside it, R@k with ties counted as hits (jobs/eval/scoring.py)."""
 
     name = "zeroshot_retrieval"
 
@@ -75,10 +77,11 @@ class Retrieval(Task):
     def score(self, split: EncodedSplit) -> Scores:
         m, ev = self.recipe.model, self.recipe.eval
         self.texts.close()
-        metrics = retrieval(split.images, self.texts, torch.tensor(self.owners, dtype=torch.long), m.interaction,
+        recalls = retrieval(split.images, self.texts, torch.tensor(self.owners, dtype=torch.long), m.interaction,
                             m.similarity_memory_mb, ev.batch_size, ev.recall_at)
         self.texts.remove()
-        return Scores(metrics, {"chance_R1": 1.0 / split.count} if self.chance else {})
+        extra = {**recalls.ties_as_hits, **({"chance_R1": 1.0 / split.count} if self.chance else {})}
+        return Scores(recalls.clip_benchmark, extra)
 
 
 class ZeroShot(Task):
@@ -89,9 +92,11 @@ class ZeroShot(Task):
     def __init__(self, ds: EvalSet, encoder: Encoder, recipe: Recipe, scratch: Path) -> None:
         self.ds, self.encoder, self.recipe, self.scratch = ds, encoder, recipe, scratch
         self.labels: list[int] = []
+        self.shapes: list[list[int]] = []  # each image's shape classes, largest first (jobs/eval/shape_count.py)
 
     def observe(self, batch: EvalBatch, images: Encoded, first: int) -> None:
         self.labels += batch.labels
+        self.shapes += [shape_classes(meta, self.ds.classnames or []) for meta in batch.meta]
 
     def score(self, split: EncodedSplit) -> Scores:
         m, ev = self.recipe.model, self.recipe.eval
@@ -104,7 +109,8 @@ class ZeroShot(Task):
                               ev.batch_size)  # [N, C]
         metrics = classification(scores, torch.tensor(self.labels, dtype=torch.long))
         prompts.remove()
-        return Scores(metrics, {"chance_zeroshot_top1": 1.0 / len(classnames)})
+        by_shapes = by_shape_count(scores.topk(1, dim=1).indices[:, 0].tolist(), self.labels, self.shapes)
+        return Scores(metrics, {"chance_zeroshot_top1": 1.0 / len(classnames), **by_shapes})
 
 
 class ProbeFeatures:
