@@ -167,7 +167,7 @@ class BlockedLateInteraction(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # means accumulate in at least fp32
         wx = xm.to(acc) / xm.sum(-1).clamp_min(1)[:, None]  # [B_i, n1] weight of token k in s^I(i, .)
         wy = ym.to(acc) / ym.sum(-1).clamp_min(1)[:, None]  # [B_t, n2] weight of token r in s^T(., j)
-        op = late_interaction_forward() if not x.is_cuda and x.dtype in (torch.float32, torch.float64) else None
+        op = late_interaction_forward() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) else None
         if op is not None:  # the C++ forward: each tile reduced while in cache, the product never in memory
             i2t, t2i, arg_r, arg_k = op(x, y, xm, ym, wx, wy, *forward_tile(b_i, b_t, n1, n2, x.element_size()),
                                         want_i2t, want_t2i, keep_winners)
@@ -199,7 +199,7 @@ class BlockedLateInteraction(torch.autograd.Function):
         route_t2i = want_t2i and g_t2i is not None
         g_i2t = g_i2t.to(xt.dtype) * valid if route_i2t else None
         g_t2i = g_t2i.to(xt.dtype) * valid if route_t2i else None
-        op = None if x.is_cuda else late_interaction_backward()
+        op = late_interaction_backward() if x.device.type == "cpu" else None  # the C++ ops are CPU-only
         if op is not None:  # the same sums in one C++ pass per side: no sort, no per-tile torch calls
             gx, gy = op(xt.view(b_i, n1, d), yt.view(b_t, n2, d), wx, wy, arg_r, arg_k, g_i2t, g_t2i,
                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])

@@ -154,6 +154,7 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory):
     res = run_cli("ablate", str(ROOT / "recipes/ablation.yaml"), "--components", "late_interaction",
                   "--seeds", "0,1", *sets, cwd=folder)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "#/experiments/1?workflowType=machine_learning" in res.stdout, res.stdout  # the link it prints
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
@@ -182,6 +183,7 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.mark.slow  # a real ablation, an mlflow server and a browser: ~2-3 minutes
 def test_the_mlflow_ui_shows_training_runs_charts_models_and_grouped_variants(reviewed) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -210,13 +212,16 @@ def test_the_mlflow_ui_shows_training_runs_charts_models_and_grouped_variants(re
     assert "global_batch" not in text and "peak_lr" not in text, text[:2000]
     assert "Evaluations" not in text.split("pretrain")[0], text[:300]  # the breadcrumb says runs
     b.screenshot("pretrain_charts")
-    # ... and its system metrics, per node (a section named system/<node>), where the sampler has landed.
-    if any(k.startswith("system/") for k in run.data.metrics):
-        text = b.open(f"{base}/runs/{run.info.run_id}/system-metrics?{ML}", "cpu_utilization_percentage)",
-                      "system_memory_usage_megabytes)")
-        assert "cpu_utilization_percentage" in text and "system_memory_usage_megabytes" in text, text[:2000]
-        assert "system/" in text, text[:2000]
-        b.screenshot("pretrain_system_metrics")
+    # ... and its system metrics, per node: a section named system/<node id> with CPU and memory charts.
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert len(nodes) == 1, run.data.metrics  # one local node, sampled once a second during the run
+    (node,) = nodes
+    text = b.open(f"{base}/runs/{run.info.run_id}/system-metrics?{ML}", "cpu_utilization_percentage)",
+                  "system_memory_usage_megabytes)")
+    assert f"system/{node}" in text, text[:2000]
+    assert f"system/{node}/cpu_utilization_percentage" in text, text[:2000]  # a drawn chart's legend
+    assert f"system/{node}/system_memory_usage_megabytes" in text, text[:2000]
+    b.screenshot("pretrain_system_metrics")
 
     # 3. The final weights as a logged model: listed in the experiment's models, on the run, with eval metrics.
     models = client.search_logged_models([exp.experiment_id])

@@ -7,7 +7,6 @@ dropped or landed elsewhere fails; a key added to the schema without a row here 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -213,13 +212,17 @@ def test_a_key_inside_several_sources_is_refused_with_the_fix() -> None:
 
 def test_set_train_url_is_what_the_data_stage_reads(tmp_path: Path) -> None:
     """`--set data.train.url=URL` on a recipe whose data.train is a plain URL: `recipe show` prints the mapping with
-    that url, and the data stage indexes exactly the shards at URL (one shard copied from the smoke set)."""
+    that url, and the data stage indexes exactly the shards at URL (one shard the generator writes there)."""
     from filipctl.contract import RunDir
     from jobs.data import prepare
 
-    shards = tmp_path / "elsewhere"
-    shards.mkdir()
-    shutil.copy(ROOT / "data/shapes-smoke/train/00001.tar", shards / "00001.tar")
+    from filipctl.schema import SyntheticData
+    from jobs.data.synthetic import generate
+
+    shards = tmp_path / "elsewhere"  # one small shard of the generator's, in img2dataset's layout
+    generate(str(shards), str(tmp_path / "unused-eval"),
+             SyntheticData(train_samples=50, eval_samples=5, samples_per_shard=50, image_size=32, max_objects=1))
+    (written,) = sorted(p.name for p in shards.glob("*.tar"))
     url = f"file://{shards}"
     sets = [f"data.train.url={url}", "data.synthetic=null", "data.eval=null"]
 
@@ -231,5 +234,5 @@ def test_set_train_url_is_what_the_data_stage_reads(tmp_path: Path) -> None:
     run_dir.root.mkdir()
     index = prepare.run(load_recipe(SMOKE, sets), run_dir)
     assert [s["url"] for s in index["train"]] == [url]
-    assert [Path(s.removeprefix("file://")).name for s in index["train"][0]["shards"]] == ["00001.tar"]
-    assert sum(index["train"][0]["counts"]) == 500
+    assert [Path(s.removeprefix("file://")).name for s in index["train"][0]["shards"]] == [written]
+    assert sum(index["train"][0]["counts"]) == 50

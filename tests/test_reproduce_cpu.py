@@ -27,8 +27,10 @@ def test_cpu_record_reads_model_and_isa_flags() -> None:
     assert here["cpu_model"] and here["cpu_model"] != "unknown" and "cpu_isa" in here
 
 
-def _store_run(client, exp: str, tmp: Path, name: str, versions: dict, losses: list[float]) -> str:
-    """A pipeline run with its versions.json and recipe.yaml, and a pretrain child with the loss curve."""
+def _store_run(client, exp: str, tmp: Path, name: str, versions: dict, losses: list[float],
+               trained_on: dict | None = None) -> str:
+    """A pipeline run with its versions.json and recipe.yaml, and a pretrain child with the loss curve (tagged with
+    the CPU its rank 0 computed on, as jobs/train/pretrain.py tags it, when `trained_on`)."""
     parent = client.create_run(exp, run_name=name, tags={TAG_KIND: "pipeline"}).info.run_id
     folder = tmp / name
     folder.mkdir()
@@ -37,7 +39,8 @@ def _store_run(client, exp: str, tmp: Path, name: str, versions: dict, losses: l
     client.log_artifact(parent, str(folder / "versions.json"))
     client.log_artifact(parent, str(folder / "recipe.yaml"))
     child = client.create_run(exp, run_name=f"{name}-pretrain",
-                              tags={TAG_KIND: "stage", TAG_STAGE: "pretrain", TAG_PARENT: parent}).info.run_id
+                              tags={TAG_KIND: "stage", TAG_STAGE: "pretrain", TAG_PARENT: parent,
+                                    **{f"filipctl.{k}": v for k, v in (trained_on or {}).items()}}).info.run_id
     for step, loss in enumerate(losses):
         client.log_metric(child, "loss", loss, step=step * 10)
     for run in (child, parent):
@@ -92,3 +95,19 @@ def test_same_cpu_or_unrecorded_cpu_keeps_the_plain_verdict(tmp_path: Path, stor
     assert not plain.identical and plain.cause is None and len(plain.lines) == 1
     assert plain.lines[0].startswith("loss first differs at step 20: 3.25 vs 3.0")
     assert rp.verify(client, unrecorded, differs, {**here, **AMD}).cause is None
+
+
+def test_on_a_cluster_the_nodes_cpu_counts_not_the_login_hosts(tmp_path: Path, store) -> None:
+    """The command ran on one host (versions.json), the pretraining on nodes of another CPU (its stage tags): the
+    nodes' CPUs are compared, whatever the hosts the two commands ran on."""
+    client, exp = store
+    here = package_versions()
+    nodes = {"cpu_model": "Intel(R) Xeon(R) Platinum 8480+", "cpu_isa": "sse4_2 avx avx2 fma avx512f amx_bf16"}
+    runs = {name: _store_run(client, exp, tmp_path, name, here, losses, trained_on) for name, losses, trained_on in (
+        ("original", [4.0, 3.5, 3.25], nodes), ("same-nodes", [4.0, 3.5, 3.0], nodes),
+        ("amd-nodes", [4.0, 3.5, 3.0], AMD))}
+    original, same, amd = (rp.load_record(client, client.get_run(r)) for r in runs.values())
+    assert rp.cpu_of(original) == nodes
+    assert rp.verify(client, original, same, here).cause is None  # login host and nodes alike: no CPU to blame
+    why = rp.verify(client, original, amd, here)
+    assert why.cause == "cpu" and repr(nodes["cpu_model"]) in why.lines[-1] and repr(AMD["cpu_model"]) in why.lines[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from filipctl.contract import ENV_SPOOL, RunDir, free_port, node_spool
+from filipctl.contract import ENV_SPOOL, TAG_PARENT, RunDir, free_port, node_spool
 from filipctl.tracking.forwarder import stage_spools, write_stage_run
 from jobs.system_metrics import Probes, Sampler, cpu_percent, keys, last_step, node_id, system_metrics
 
@@ -144,8 +144,11 @@ def test_a_real_run_shows_each_jobs_system_metrics_on_its_stage_run(local_run: d
 
     client = MlflowClient(local_run["uri"])
     exp = client.get_experiment_by_name("filip")
+    # That run's stages (tests/test_cli.py adds other runs to the same store, before or after this test).
+    parent = client.get_run(local_run["pretrain_run"]).data.tags[TAG_PARENT]
     for stage in ("pretrain", "eval"):
-        (run,) = client.search_runs([exp.experiment_id], f"tags.`filipctl.stage` = '{stage}'")
+        (run,) = client.search_runs([exp.experiment_id],
+                                    f"tags.`filipctl.stage` = '{stage}' and tags.`{TAG_PARENT}` = '{parent}'")
         system = {k for k in run.data.metrics if k.startswith("system/")}
         (node,) = {k.split("/")[1] for k in system}
         assert system == {f"system/{node}/{m}" for m in HOST_METRICS}, system

@@ -140,6 +140,10 @@ def ablate(
         consoles.out.print(ablation.rich_table(result["rows"], result["title"]))
         consoles.out.print(f"MLflow run {result['run_id']} (table, description, chart); chart also at {result['chart']}",
                            highlight=False, markup=False, soft_wrap=True)
+        from filipctl import tracking
+
+        ui = tracking.ui_command(result["tracking_uri"], result.get("experiment_id", ""))
+        consoles.out.print(f"open the MLflow UI:  {ui}", highlight=False, markup=False, soft_wrap=True)
     if result["failed"]:
         raise FilipctlError(f"settings with a failed variant: {', '.join(result['failed'])} "
                             "(`filipctl status` and `filipctl logs` show why)")

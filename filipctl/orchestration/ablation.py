@@ -114,8 +114,8 @@ def run_ablation(recipe: Recipe, recipe_path: str, components: list[str], seeds:
                  backend=None) -> dict[str, Any] | None:
     """Build the graph of every variant, run what is missing, record the table on the ablation's MLflow run.
 
-    -> {"rows", "markdown", "title", "run_id", "tracking_uri", "chart", "failed"}; None for --dry-run or
-    --detach. "rows" in ablation.json's shape (reports.ablation_rows.to_dict), so that --json prints it as is.
+    -> {"rows", "markdown", "title", "run_id", "tracking_uri", "experiment_id", "chart", "failed"}; None for
+    --dry-run or --detach. "rows" in ablation.json's shape (reports.ablation_rows.to_dict), so that --json prints it as is.
     """
     from filipctl.orchestration.pipeline import GraphRun
 
@@ -171,4 +171,5 @@ def record_table(run, recipe: Recipe, components: list[str], seeds: list[int]) -
     run.tracker.describe(run.top, text)
     run.flush_tracking()
     return {"rows": flat, "markdown": text, "title": title, "run_id": run.top, "tracking_uri": uri,
+            "experiment_id": str(run.tracker.experiment_id or ""),
             "chart": str(saved / "ablation.png"), "failed": [r.setting for r in rows if r.failed]}

@@ -214,6 +214,27 @@ def cpu_difference(recorded: dict[str, str], here: dict[str, str]) -> str | None
             "bit; here, compare the figures within their spread over seeds.")
 
 
+def _pretrain_cpu(record: RunRecord) -> dict[str, str]:
+    """The CPU the run's pretraining computed on, from its stage run's tags (rank 0's node); {} when untagged."""
+    pre = record.stages.get("pretrain")
+    tags = pre.data.tags if pre is not None else {}
+    return {k: tags[f"filipctl.{k}"] for k in CPU_KEYS if f"filipctl.{k}" in tags}
+
+
+def cpu_of(record: RunRecord) -> dict[str, str]:
+    """The pretraining's CPU, else the versions.json of the command that started the run (the same machine on
+    local, a login node on a cluster)."""
+    return _pretrain_cpu(record) or {k: record.versions[k] for k in CPU_KEYS if k in record.versions}
+
+
+SYSTEM_PREFIX = "system/"  # the node's CPU, memory, disk while the job ran (jobs/system_metrics.py): no result
+
+
+def _results(metrics: dict[str, float]) -> dict[str, float]:
+    """An eval run's figures without its system metrics, which differ between any two runs."""
+    return {k: v for k, v in metrics.items() if not k.startswith(SYSTEM_PREFIX)}
+
+
 def _losses(client, record: RunRecord) -> dict[int, float]:
     pre = record.stages.get("pretrain")
     if pre is None:
@@ -237,15 +258,16 @@ def verify(client, original: RunRecord, again: RunRecord, here: dict[str, str] |
                 lines.append(f"loss first differs at step {step}: {a[step]!r} vs {b[step]!r} (difference {d:+.3e}, "
                              f"relative {abs(d) / max(abs(a[step]), 1e-30):.2e})")
             break
-    ev_a = dict(original.stages["eval"].data.metrics) if "eval" in original.stages else {}
-    ev_b = dict(again.stages["eval"].data.metrics) if "eval" in again.stages else {}
+    ev_a, ev_b = (_results(r.stages["eval"].data.metrics) if "eval" in r.stages else {} for r in (original, again))
     for k, x, y in differences(ev_a, ev_b):
         lines.append(f"eval {k}: {x!r} vs {y!r}")
     identical = not lines
     if identical:
         lines.append(f"identical: {len(a)} logged losses and {len(ev_a)} eval metrics, bit for bit")
         return Verdict(True, lines)
-    why = cpu_difference(original.versions, again.versions if here is None else here)
+    # The rerun's own pretraining tags when its (rebuilt, possibly older) code wrote them, else this machine's.
+    rerun_cpu = _pretrain_cpu(again) or (again.versions if here is None else here)
+    why = cpu_difference(cpu_of(original), rerun_cpu)
     return Verdict(False, [*lines, why] if why else lines, "cpu" if why else None)
 
 

@@ -35,6 +35,7 @@ from jobs.data.loader import TrainBatches, sources_of
 from filipctl.tracking.redact import redact
 from jobs.stage_logger import StageLogger
 from jobs.system_metrics import system_metrics
+from filipctl.tracking.provenance import cpu_record
 from jobs.train.batch_layout import BatchLayout, LayoutError, layout_for
 from jobs.train.lamb import attach_layout
 from jobs.train.optim import build_optimizer, build_scheduler, peak_lr
@@ -318,6 +319,8 @@ def pretrain(recipe: Recipe, run_dir: RunDir, store: CheckpointStore | None, inf
         logger.tags({"filipctl.world_size": str(info.world_size), "filipctl.torch_threads": str(torch.get_num_threads()),
                      "filipctl.torch": torch.__version__, "filipctl.cuda": str(torch.version.cuda),
                      "filipctl.device": str(info.device)})
+        # The CPU that computed (rank 0's node, not the host the CLI ran on): reproduce --verify compares it.
+        logger.tags({f"filipctl.{k}": v for k, v in cpu_record().items()})
         logger.text(json.dumps(deepspeed_config(recipe, layout), indent=1), "deepspeed_config.json")
     segment = open_segment(info, run_dir, start, layout)
     if layout.share > 1 and recipe.model.interaction == "late" and recipe.model.token_keep < 1:
