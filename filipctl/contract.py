@@ -158,6 +158,7 @@ class RunDir:
 
 
 NODE_SPOOL_PREFIX = "system-"
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's key prefix of system metrics: system/<node>/<metric>
 
 
 def node_spool(spool: Path, node: str) -> Path:

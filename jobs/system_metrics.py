@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from filipctl.contract import ENV_SPOOL, node_spool
+from filipctl.contract import ENV_SPOOL, SYSTEM_METRICS_PREFIX, node_spool
+from filipctl.tracking.spool import append
 
-PREFIX = "system/"
 NODE_ENV = ("MLFLOW_SYSTEM_METRICS_NODE_ID", "SLURMD_NODENAME")  # MLflow's own override, then the scheduler's name
 MIN_LAST_GAP_S = 1.0  # the sample taken as the sampler stops, when at least this long after the one before
 
@@ -53,7 +53,7 @@ def node_id(env: Mapping[str, str], hostname: str) -> str:
 
 def keys(node: str, values: Mapping[str, float]) -> dict[str, float]:
     """MLflow's key for each metric of node `node`: system/<node>/<metric>."""
-    return {f"{PREFIX}{node}/{k}": float(v) for k, v in values.items()}
+    return {f"{SYSTEM_METRICS_PREFIX}{node}/{k}": float(v) for k, v in values.items()}
 
 
 def cpu_percent(before: Any, after: Any) -> float:
@@ -192,8 +192,7 @@ class Sampler:
         with self._lock:
             try:
                 values = keys(self.node, self.read())
-                record = {"t": int(time.time() * 1000), "op": "metrics", "step": self.step, "values": values}
-                _append(self.spool, json.dumps(record) + "\n")
+                append(self.spool, {"op": "metrics", "step": self.step, "values": values})  # one O_APPEND write
             except Exception as exc:  # noqa: BLE001 - a reading or a full disk costs samples, never the job
                 self.failed += 1
                 if self.failed == 1:
@@ -210,16 +209,6 @@ class Sampler:
         # Not when a reading still hangs (a dead network mount): the job's end must not wait for it.
         if not self._thread.is_alive() and time.monotonic() - self._last >= MIN_LAST_GAP_S:
             self.sample()
-
-
-def _append(path: Path, line: str) -> None:
-    """One write of one whole line (O_APPEND): a reader never sees half a record but after a crash mid-write (the
-    spool reader waits for a torn last line's newline)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
 
 
 @contextmanager

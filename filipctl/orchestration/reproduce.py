@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filipctl.contract import (TAG_CACHED, TAG_CODE_DIGEST, TAG_DATA_DIGEST, TAG_EVALUATED, TAG_KIND, TAG_PATCH_DIGEST,
-                               TAG_STAGE, TAG_WORKDIR)
+from filipctl.contract import (SYSTEM_METRICS_PREFIX, TAG_CACHED, TAG_CODE_DIGEST, TAG_DATA_DIGEST, TAG_EVALUATED,
+                               TAG_KIND, TAG_PATCH_DIGEST, TAG_STAGE, TAG_WORKDIR)
 from filipctl.errors import FilipctlError
 from filipctl.tracking.provenance import SOURCE_ROOT
 
@@ -227,12 +227,9 @@ def cpu_of(record: RunRecord) -> dict[str, str]:
     return _pretrain_cpu(record) or {k: record.versions[k] for k in CPU_KEYS if k in record.versions}
 
 
-SYSTEM_PREFIX = "system/"  # the node's CPU, memory, disk while the job ran (jobs/system_metrics.py): no result
-
-
 def _results(metrics: dict[str, float]) -> dict[str, float]:
     """An eval run's figures without its system metrics, which differ between any two runs."""
-    return {k: v for k, v in metrics.items() if not k.startswith(SYSTEM_PREFIX)}
+    return {k: v for k, v in metrics.items() if not k.startswith(SYSTEM_METRICS_PREFIX)}
 
 
 def _losses(client, record: RunRecord) -> dict[int, float]:
